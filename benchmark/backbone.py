@@ -1,0 +1,331 @@
+"""CLIP backbone wrapper over open_clip: the only code in the suite that knows CLIP internals.
+
+Everything a method needs from CLIP goes through :class:`CLIPBackbone`:
+
+* ``tokenize`` / ``token_embedding`` and ``encode_text_embeddings`` (text tower run from token
+  embeddings, CoOp-style learned context, optional deep prompts replacing token positions per layer);
+* ``encode_image`` (image tower with optional shallow prompt tokens, optional deep prompts per layer,
+  patch tokens mapped into the joint space through ``ln_post`` and ``proj``, the final state of the
+  prompt tokens, and LoCoOp's value-path local features);
+* ``attention_modules`` (each block's ``nn.MultiheadAttention`` for LoRA).
+
+With nothing injected, ``encode_text_embeddings(token_embedding(t), t)`` equals open_clip's
+``encode_text(t)`` and ``encode_image(x).pooled`` equals ``encode_image(x)`` exactly (tested).
+
+Token layout is open_clip's ``[batch, length, width]``. Deep-prompt semantics follow MaPLe/VPT-deep:
+shallow ``prompts`` are appended after the patch tokens before ``ln_pre``; ``deep_prompts[j]``
+(``j >= 1``) *replaces* the prompt positions at the input of block ``j``; after the last given
+layer the prompt tokens propagate. In the text tower, prompts occupy positions
+``[prompt_start, prompt_start + n)`` (after SOS), again as in MaPLe.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import BenchmarkError
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class BackboneConfig:
+    # open_clip model name, e.g. "ViT-B-16" (or "ViT-B-16-quickgelu" for OpenAI weights)
+    model: str = "ossl-tiny-vit"
+    # open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a local checkpoint file, or
+    # "embedded" for the suite's own tiny CLIP checkpoint
+    pretrained: str = "embedded"
+    # where open_clip caches downloaded weights (None: its default)
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class ImageOutput:
+    """Result of :meth:`CLIPBackbone.encode_image`. All features are *unnormalised*."""
+
+    pooled: Tensor  # [B, E] CLS feature in the joint space (== open_clip encode_image)
+    patches: Optional[Tensor] = None  # [B, P, E] patch tokens through ln_post + proj
+    prompts: Optional[Tensor] = None  # [B, n, E] final prompt-token states through ln_post + proj
+    value_local: Optional[Tensor] = None  # [B, P, E] LoCoOp/MaskCLIP value-path local features
+
+
+def _sha256_file(path: Path, _cache: Dict[Tuple[str, int, float], str] = {}) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime)
+    if key not in _cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _cache[key] = h.hexdigest()
+    return _cache[key]
+
+
+class CLIPBackbone(nn.Module):
+    """Frozen-by-default wrapper around an open_clip ``CLIP`` model with a ViT image tower."""
+
+    def __init__(self, model: nn.Module, tokenizer, identity: str, preprocess_cfg: dict):
+        super().__init__()
+        self._check_supported(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        #: identifies the weights: the checkpoint's SHA-256 or "name:tag" (feature-cache key)
+        self.identity = identity
+        self.preprocess_cfg = dict(preprocess_cfg)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, cfg: BackboneConfig, device: str | torch.device = "cpu") -> "CLIPBackbone":
+        import open_clip
+
+        pretrained = cfg.pretrained
+        if pretrained == "embedded":
+            from .embedded import register_tiny_clip, tiny_clip_checkpoint
+
+            register_tiny_clip()
+            path = tiny_clip_checkpoint()
+            pretrained, identity = str(path), f"{cfg.model}@sha256:{_sha256_file(path)}"
+        elif pretrained and Path(os.path.expanduser(pretrained)).exists():
+            path = Path(os.path.expanduser(pretrained))
+            if path.is_dir():
+                raise BenchmarkError(
+                    f"backbone.pretrained={pretrained!r} is a folder; give the checkpoint file inside "
+                    f"it (a .pt/.bin/.safetensors state dict).")
+            pretrained, identity = str(path), f"{cfg.model}@sha256:{_sha256_file(path)}"
+        else:
+            if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+                raise BenchmarkError(
+                    f"backbone.pretrained={pretrained!r} looks like a file path but no file is there. "
+                    f"Give an existing checkpoint file or an open_clip pretrained tag "
+                    f"(open_clip.list_pretrained_tags_by_model({cfg.model!r})).")
+            identity = f"{cfg.model}:{pretrained}"
+        if cfg.model not in open_clip.list_models():
+            from .errors import UnknownNameError
+
+            raise UnknownNameError("open_clip model", cfg.model, open_clip.list_models())
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                cfg.model, pretrained=pretrained or None, cache_dir=cfg.cache_dir, device=device)
+        except RuntimeError as exc:
+            raise BenchmarkError(
+                f"could not load weights {pretrained!r} for {cfg.model!r}: {exc}. Without internet, "
+                f"give a local checkpoint file as backbone.pretrained.") from exc
+        tokenizer = open_clip.get_tokenizer(cfg.model)
+        pcfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        pcfg.setdefault("size", model.visual.image_size)
+        return cls(model, tokenizer, identity, pcfg)
+
+    @staticmethod
+    def _check_supported(model: nn.Module) -> None:
+        visual = getattr(model, "visual", None)
+        ok = (hasattr(model, "token_embedding") and hasattr(visual, "conv1")
+              and getattr(visual, "attn_pool", None) is None
+              and getattr(visual, "pool_type", "tok") == "tok"
+              and not getattr(visual, "final_ln_after_pool", False))
+        if not ok:
+            raise BenchmarkError(
+                "the CLIP backbone wrapper supports open_clip CLIP models with a ViT image tower "
+                "(class-token pooling, no attentional pool) and the built-in text tower, like "
+                "ViT-B-16 / ViT-L-14; this model is not of that kind.")
+
+    def train(self, mode: bool = True):  # CLIP stays in eval mode (no dropout), whatever the caller
+        super().train(False)
+        return self
+
+    # -- shapes -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.token_embedding.weight.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.text_projection.shape[1] if self.model.text_projection is not None else self.text_width
+
+    @property
+    def text_width(self) -> int:
+        return self.model.token_embedding.weight.shape[1]
+
+    @property
+    def vision_width(self) -> int:
+        return self.model.visual.conv1.out_channels
+
+    @property
+    def text_layers(self) -> int:
+        return len(self.model.transformer.resblocks)
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self.model.visual.transformer.resblocks)
+
+    @property
+    def context_length(self) -> int:
+        return self.model.positional_embedding.shape[0]
+
+    @property
+    def num_patches(self) -> int:
+        gh, gw = self.model.visual.grid_size
+        return gh * gw
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.exp()
+
+    # -- text ---------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        tokens = self.tokenizer(list(texts))
+        return tokens.to(self.device)
+
+    def token_embedding(self, tokens: Tensor) -> Tensor:
+        return self.model.token_embedding(tokens)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        return self.encode_text_embeddings(self.token_embedding(tokens), tokens)
+
+    def encode_text_embeddings(self, embeddings: Tensor, tokens: Tensor,
+                               deep_prompts: Optional[Sequence[Optional[Tensor]]] = None,
+                               prompt_start: int = 1) -> Tensor:
+        """Run the text tower from token embeddings ``[N, L, W]``.
+
+        ``tokens`` ``[N, L]`` are only used to find the pooled (EOT) position, exactly as open_clip
+        does; when learned context replaces words, pass tokens whose EOT sits where it sits in the
+        embeddings. ``deep_prompts[j]`` (``[n, W]`` or ``[N, n, W]``) replaces positions
+        ``prompt_start:prompt_start+n`` at the input of block ``j >= 1``.
+        """
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        cast = m.transformer.get_cast_dtype()
+        x = embeddings.to(cast) + m.positional_embedding.to(cast)
+        x = self._run_blocks(m.transformer, x, deep_prompts, attn_mask=m.attn_mask,
+                             at=lambda n: slice(prompt_start, prompt_start + n))
+        x = m.ln_final(x)
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+        return x
+
+    # -- image --------------------------------------------------------------------------------
+    def encode_image(self, images: Tensor, prompts: Optional[Tensor] = None,
+                     deep_prompts: Optional[Sequence[Optional[Tensor]]] = None,
+                     return_patches: bool = False, return_prompts: bool = False,
+                     return_value_local: bool = False) -> ImageOutput:
+        """Run the image tower.
+
+        ``prompts`` ``[n, W]`` or ``[B, n, W]``: shallow prompt tokens appended after the patch
+        tokens (after the positional embedding, before ``ln_pre``). ``deep_prompts[j]`` for
+        ``j >= 1`` replaces the prompt tokens at the input of block ``j`` (``deep_prompts[0]`` must
+        be ``None``: use ``prompts``). ``return_value_local`` gives LoCoOp's local features: the
+        last block's value path (in_proj value slice, out_proj, residual, MLP) for patch tokens,
+        then ``ln_post`` and ``proj``.
+        """
+        v = self.model.visual
+        x = self._embed_no_ln(images)  # conv1, CLS, positional embedding, patch dropout
+        n_prompt = 0
+        if prompts is not None:
+            p = self._expand(prompts, x.shape[0]).to(x.dtype)
+            n_prompt = p.shape[1]
+            x = torch.cat([x, p], dim=1)
+        x = v.ln_pre(x)
+        if deep_prompts is not None:
+            if len(deep_prompts) and deep_prompts[0] is not None:
+                raise ValueError("deep_prompts[0] must be None: pass first-layer tokens as `prompts`")
+            if n_prompt == 0 and any(d is not None for d in deep_prompts):
+                raise ValueError("deep prompts need shallow `prompts` to define their positions")
+        blocks = v.transformer.resblocks
+        n_tok = x.shape[1]
+        last = len(blocks) - 1
+        x = self._run_blocks(v.transformer, x, deep_prompts, attn_mask=None,
+                             at=lambda n: slice(n_tok - n, n_tok),
+                             stop_before=last if return_value_local else None)
+        value_local = None
+        if return_value_local:
+            blk = blocks[last]
+            if deep_prompts is not None and len(deep_prompts) > last and deep_prompts[last] is not None:
+                x = self._replace(x, deep_prompts[last], slice(n_tok - n_prompt, n_tok))
+            value_local = self._value_path(blk, x)[:, 1:1 + self.num_patches]
+            value_local = self._to_joint(v.ln_post(value_local))
+            x = blk(x)
+        x = v.ln_post(x)
+        pooled = self._to_joint(x[:, 0])
+        out = ImageOutput(pooled=pooled, value_local=value_local)
+        if return_patches:
+            out.patches = self._to_joint(x[:, 1:1 + self.num_patches])
+        if return_prompts:
+            out.prompts = self._to_joint(x[:, n_tok - n_prompt:]) if n_prompt else None
+        return out
+
+    def _embed_no_ln(self, images: Tensor) -> Tensor:
+        v = self.model.visual
+        x = v.conv1(images.to(self.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        return v.patch_dropout(x)
+
+    def _to_joint(self, x: Tensor) -> Tensor:
+        proj = self.model.visual.proj
+        return x @ proj if proj is not None else x
+
+    @staticmethod
+    def _value_path(blk: nn.Module, x: Tensor) -> Tensor:
+        """LoCoOp's local branch of one block: out_proj(W_v ln_1(x) + b_v) + x, then + MLP."""
+        attn: nn.MultiheadAttention = blk.attn
+        width = x.shape[-1]
+        w_v = attn.in_proj_weight[2 * width:]
+        b_v = attn.in_proj_bias[2 * width:] if attn.in_proj_bias is not None else None
+        val = F.linear(F.linear(blk.ln_1(x), w_v, b_v), attn.out_proj.weight, attn.out_proj.bias)
+        y = x + blk.ls_1(val)
+        return y + blk.ls_2(blk.mlp(blk.ln_2(y)))
+
+    @staticmethod
+    def _expand(p: Tensor, batch: int) -> Tensor:
+        return p.unsqueeze(0).expand(batch, -1, -1) if p.dim() == 2 else p
+
+    def _replace(self, x: Tensor, p: Tensor, pos: slice) -> Tensor:
+        p = self._expand(p, x.shape[0]).to(x.dtype)
+        return torch.cat([x[:, :pos.start], p, x[:, pos.stop:]], dim=1)
+
+    def _run_blocks(self, transformer: nn.Module, x: Tensor, deep_prompts, attn_mask, at,
+                    stop_before: Optional[int] = None) -> Tensor:
+        batch_first = getattr(transformer, "batch_first", True)
+        blocks = transformer.resblocks
+        if deep_prompts is not None and len(deep_prompts) > len(blocks):
+            raise ValueError(f"{len(deep_prompts)} deep prompt layers given but the tower has "
+                             f"{len(blocks)} blocks")
+        for j, blk in enumerate(blocks):
+            if stop_before is not None and j == stop_before:
+                break
+            if deep_prompts is not None and j >= 1 and j < len(deep_prompts) and deep_prompts[j] is not None:
+                p = deep_prompts[j]
+                x = self._replace(x, p, at(p.shape[-2]))
+            if batch_first:
+                x = blk(x, attn_mask=attn_mask)
+            else:  # open_clip models built with batch_first=False
+                x = blk(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+        return x
+
+    # -- LoRA access --------------------------------------------------------------------------
+    def attention_modules(self, tower: str = "both") -> List[Tuple[str, int, nn.MultiheadAttention]]:
+        """``(tower, layer index, nn.MultiheadAttention)`` for every block of the chosen tower(s)."""
+        if tower not in ("vision", "text", "both"):
+            raise ValueError(f"tower must be 'vision', 'text' or 'both', got {tower!r}")
+        out = []
+        if tower in ("vision", "both"):
+            out += [("vision", i, b.attn) for i, b in enumerate(self.model.visual.transformer.resblocks)]
+        if tower in ("text", "both"):
+            out += [("text", i, b.attn) for i, b in enumerate(self.model.transformer.resblocks)]
+        return out

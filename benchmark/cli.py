@@ -1,0 +1,161 @@
+"""``python run_all.py``: run an experiment grid, then write the summary, tables and figures.
+
+Finished runs are skipped; unfinished ones resume from their checkpoint; a finished run whose
+config hash differs is refused unless ``--force`` (the old result is archived, never overwritten).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import List, Optional
+
+from . import ROOT
+
+
+def _csv(v: str) -> List[str]:
+    return [x.strip() for x in v.split(",") if x.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_all.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default=None,
+                   help="experiment name in configs/experiments/ or a YAML path (default: embedded)")
+    p.add_argument("--methods", type=_csv, help="comma-separated method names (default: the experiment's)")
+    p.add_argument("--datasets", type=_csv, help="comma-separated dataset names")
+    p.add_argument("--shots", type=_csv, help="e.g. 5,20")
+    p.add_argument("--seeds", type=_csv, help="e.g. 1,2,3")
+    p.add_argument("--results-dir", default=str(ROOT / "results"), help="where runs, tables and figures go")
+    p.add_argument("--data-root", default=None, help="folder holding the real datasets")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, wins over every YAML (train.epochs=5, coop.params.n_ctx=4)")
+    p.add_argument("--list", action="store_true", help="list registered methods, datasets, experiments")
+    p.add_argument("--dry-run", action="store_true", help="print the grid and each run's status")
+    p.add_argument("--status", action="store_true", help="show complete / partial / failed / missing runs")
+    p.add_argument("--force", action="store_true", help="rerun runs whose config changed (archives the old)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
+    p.add_argument("--report-only", action="store_true", help="only rebuild summary, tables and figures")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    return p
+
+
+def do_list() -> None:
+    from .experiment import known_experiments
+    from .registry import DATASETS, METHODS
+
+    print("methods:")
+    for name, cls in METHODS.items():
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        flag = "" if cls.in_default_grid else "  [not in the default grid]"
+        print(f"  {name:<16} {doc[0] if doc else ''}{flag}")
+    print("datasets:")
+    for name, cls in DATASETS.items():
+        need = " (needs --data-root)" if cls.needs_root else ""
+        print(f"  {name:<16} {cls.description}{need}")
+    print("experiments:")
+    for name in known_experiments():
+        print(f"  {name}")
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .engine import Engine
+    from .errors import BenchmarkError
+    from .experiment import DEFAULT_EXPERIMENT, build_grid, load_experiment
+    from . import report
+
+    try:
+        if args.list:
+            do_list()
+            return 0
+        exp = load_experiment(args.experiment or DEFAULT_EXPERIMENT)
+        grid = build_grid(exp, args.methods, args.datasets, args.shots, args.seeds, args.sets,
+                          args.data_root, args.device)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results = Path(args.results_dir)
+    engine = Engine(results, force=args.force)
+    runs = grid.runs
+    label = lambda c: f"{c.dataset}/{c.method}/{c.shots}-shot/seed{c.seed}"  # noqa: E731
+    print(f"experiment {exp['name']}: {len(grid.methods)} methods x {len(grid.datasets)} datasets x "
+          f"shots {grid.shots} x seeds {grid.seeds} = {len(runs)} runs -> {results}")
+    if args.dry_run or args.status:
+        counts = Counter()
+        for c in runs:
+            st = engine.status(c)
+            counts[st] += 1
+            if args.dry_run or st != "complete":
+                print(f"  [{st:>8}] {label(c)}")
+        print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        return 0
+    failed = []
+    if not args.report_only:
+        todo = [c for c in runs if engine.status(c) != "complete"]
+        print(f"{len(runs) - len(todo)} complete, {len(todo)} to run")
+        per_method = defaultdict(list)
+        t_grid = time.time()
+        for i, c in enumerate(todo):
+            known = [t for ts in per_method.values() for t in ts]
+            rest = todo[i:]
+            eta = sum((sum(per_method[r.method]) / len(per_method[r.method])) if per_method[r.method]
+                      else (sum(known) / len(known) if known else 0.0) for r in rest)
+            eta_s = f", about {_fmt_s(eta)} left" if known else ""
+            print(f"[{i + 1}/{len(todo)}] {label(c)}{eta_s}", flush=True)
+            t0 = time.time()
+            try:
+                r = engine.run(c)
+            except KeyboardInterrupt:
+                print("interrupted: rerun the same command to resume", file=sys.stderr)
+                return 130
+            except Exception as exc:  # noqa: BLE001 - one failed run must not stop the grid
+                failed.append((label(c), exc))
+                print(f"  FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+                if not isinstance(exc, BenchmarkError):
+                    traceback.print_exc()
+                if args.fail_fast:
+                    break
+                continue
+            dt = time.time() - t0
+            per_method[c.method].append(dt)
+            m = r["metrics"]
+            print(f"  acc {m['acc']:.2f}  ba {m['ba_closed']:.2f}  auroc {m['auroc']:.2f}  ({dt:.1f}s)")
+        if todo:
+            print(f"grid finished in {_fmt_s(time.time() - t_grid)}")
+    from .engine import run_dir
+
+    paths = [run_dir(results, c) / "result.json" for c in runs]
+    paths = [p for p in paths if p.exists()]
+    try:
+        df = report.collect(paths)
+        report.write_summary(df, results / "summary.csv")
+        ddof = int((exp.get("table") or {}).get("std_ddof", 0))
+        written = report.write_tables(df, results / "tables", grid.methods, grid.datasets, grid.shots,
+                                      ddof, n_seeds=len(grid.seeds))
+        if not args.no_figures:
+            written += report.write_figures(df, results / "figures", grid.methods, grid.datasets, grid.shots)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {results / 'summary.csv'} and {len(written)} table/figure files")
+    md = results / "tables" / "table1_acc.md"
+    if md.exists():
+        print(md.read_text())
+    if failed:
+        print(f"{len(failed)} run(s) failed:", file=sys.stderr)
+        for name, exc in failed:
+            print(f"  {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0

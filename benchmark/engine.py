@@ -1,0 +1,471 @@
+"""The engine: one run = (method, dataset, shots, seed) under a resolved :class:`RunConfig`.
+
+It owns seeding, the optimiser and schedule, AMP, the optional FixMatch-style unlabeled loop,
+atomic checkpoints with automatic resume, evaluation, metrics and the run's files::
+
+    <results>/runs/<dataset>/<method>/shots<k>_seed<s>/
+        result.json       metrics, resolved config + hash, split hash, cost, environment
+        predictions.npz   per-sample logits and known-scores (metrics can be recomputed)
+        learned.pt        the method's learned state (trained methods)
+        checkpoint.pt     only while a run is unfinished
+        log.jsonl         training log
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import ROOT, __version__
+from .backbone import BackboneConfig, CLIPBackbone
+from .config import RunConfig, cell_hash, config_hash, to_dict
+from .errors import BenchmarkError, ConfigError, ResultExistsError
+from .io import atomic_savez, atomic_torch_save, atomic_write_json
+from .loader import FeatureCache, StepBatches, build_transforms, eval_loader, stream_loader
+from .method import Batch, Method, MethodContext, Prediction, StepState
+from .metrics import compute_all
+from .protocol import OSSLSplit, load_or_create
+from .registry import DATASETS, METHODS
+from .ssl import fixmatch_loss
+
+CRASH_ENV = "OSSL_CRASH_AFTER_STEP"  # test hook: hard-exit after this step (simulates a kill)
+
+
+def run_dir(results_dir: Path, cfg: RunConfig) -> Path:
+    return Path(results_dir) / "runs" / cfg.dataset / cfg.method / f"shots{cfg.shots}_seed{cfg.seed}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
+    return dev
+
+
+def autocast_for(device: torch.device, amp: str) -> Callable[[], contextlib.AbstractContextManager]:
+    if amp not in ("auto", "bf16", "off"):
+        raise ConfigError(f"train.amp must be auto, bf16 or off, got {amp!r}")
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def lr_at(step: int, total: int, spe: int, tc) -> float:
+    """Learning rate of step ``step``: Dassl's constant warm-up then cosine (or constant)."""
+    if tc.schedule_unit == "epoch":
+        t, T, warm = step // spe, max(1, math.ceil(total / spe)), tc.warmup_epochs
+    elif tc.schedule_unit == "iteration":
+        t, T, warm = step, total, tc.warmup_epochs * spe
+    else:
+        raise ConfigError(f"train.schedule_unit must be epoch or iteration, got {tc.schedule_unit!r}")
+    if t < warm:
+        return tc.warmup_lr
+    if tc.scheduler == "constant":
+        return tc.lr
+    if tc.scheduler != "cosine":
+        raise ConfigError(f"train.scheduler must be cosine or constant, got {tc.scheduler!r}")
+    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * t / T))
+
+
+def make_optimizer(groups: List[dict], tc) -> torch.optim.Optimizer:
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    raise ConfigError(f"train.optimizer must be sgd or adamw, got {tc.optimizer!r}")
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    import open_clip
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "open_clip": open_clip.__version__, "platform": platform.platform(),
+           "device": str(device), "suite": __version__}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True, timeout=5).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        pass
+    return env
+
+
+class RunLock:
+    """A lock file holding the pid, so two processes never run the same run; stale locks of dead
+    processes are taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or "0")
+                except (ValueError, OSError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise BenchmarkError(f"{self.path.parent} is being run by process {pid}")
+                self.path.unlink(missing_ok=True)
+        raise BenchmarkError(f"could not lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class Engine:
+    def __init__(self, results_dir: Path | str = ROOT / "results", force: bool = False,
+                 log: Callable[[str], None] = print):
+        self.results_dir = Path(results_dir)
+        self.force = force
+        self.log = log
+        self._backbones: Dict[tuple, CLIPBackbone] = {}
+        self._datasets: Dict[tuple, object] = {}
+        self.features = FeatureCache(self.results_dir / "cache" / "features")
+
+    # -- shared resources ---------------------------------------------------------------------
+    def backbone(self, bcfg: BackboneConfig, device: torch.device) -> CLIPBackbone:
+        key = (bcfg.model, bcfg.pretrained, bcfg.cache_dir, str(device))
+        if key not in self._backbones:
+            self._backbones[key] = CLIPBackbone.load(bcfg, device=device)
+        return self._backbones[key]
+
+    def dataset(self, name: str, cfg: RunConfig):
+        key = (name, cfg.data.root, json.dumps(cfg.data.options, sort_keys=True))
+        if key not in self._datasets:
+            cls = DATASETS.get(name)
+            if cls.needs_root and not cfg.data.root:
+                raise ConfigError(f"dataset {name!r} needs a data root: pass --data-root DIR "
+                                  f"(or data.root in the experiment YAML)")
+            self._datasets[key] = cls(root=cfg.data.root, **cfg.data.options)
+        return self._datasets[key]
+
+    # -- status -------------------------------------------------------------------------------
+    def status(self, cfg: RunConfig) -> str:
+        """complete | stale (finished with another config hash) | partial | failed | missing"""
+        d = run_dir(self.results_dir, cfg)
+        res = d / "result.json"
+        if res.exists():
+            try:
+                r = json.loads(res.read_text())
+            except json.JSONDecodeError:
+                return "failed"
+            return "complete" if r.get("config_hash") == config_hash(cfg) else "stale"
+        if (d / "checkpoint.pt").exists():
+            return "partial"
+        if (d / "error.txt").exists():
+            return "failed"
+        return "missing"
+
+    # -- one run ------------------------------------------------------------------------------
+    def run(self, cfg: RunConfig) -> dict:
+        d = run_dir(self.results_dir, cfg)
+        chash = config_hash(cfg)
+        res_path = d / "result.json"
+        if res_path.exists():
+            old = json.loads(res_path.read_text())
+            if old.get("config_hash") == chash:
+                return old
+            if not self.force:
+                raise ResultExistsError(
+                    f"{res_path} holds a finished run with config hash {old.get('config_hash')} but the "
+                    f"requested config hashes to {chash}. Pass --force to rerun (the old result is "
+                    f"archived, not overwritten), or use another --results-dir.")
+            self._archive(d)
+        with RunLock(d):
+            try:
+                result = self._run(cfg, d, chash)
+            except BaseException as exc:
+                if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    (d / "error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+                raise
+        (d / "error.txt").unlink(missing_ok=True)
+        return result
+
+    def _archive(self, d: Path) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        arch = d / "archive" / stamp
+        arch.mkdir(parents=True, exist_ok=True)
+        for name in ("result.json", "predictions.npz", "learned.pt", "checkpoint.pt", "log.jsonl"):
+            if (d / name).exists():
+                os.replace(d / name, arch / name)
+        self.log(f"archived the previous result to {arch}")
+
+    def _run(self, cfg: RunConfig, d: Path, chash: str) -> dict:
+        t0 = time.time()
+        device = resolve_device(cfg.device)
+        autocast = autocast_for(device, cfg.train.amp)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        method_cls = METHODS.get(cfg.method)
+        plugin = self.dataset(cfg.dataset, cfg)
+        split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir)
+        backbone = self.backbone(cfg.backbone, device)
+        if method_cls.modifies_backbone:
+            backbone = copy.deepcopy(backbone)
+        ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
+                            dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)
+        seed_everything(cfg.seed)
+        method: Method = method_cls(cfg.params, backbone, ctx).to(device)
+        views = build_transforms(backbone.preprocess_cfg, cfg.data)
+        n_trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+        train_info = {"steps": 0, "resumed_from_step": None, "train_seconds": 0.0}
+        if method_cls.trains:
+            if n_trainable == 0:
+                raise BenchmarkError(f"method {cfg.method!r} trains but has no trainable parameters")
+            train_info = self._train(cfg, d, chash, method, split, views, device, autocast)
+        t_eval = time.time()
+        preds = self._predict_all(cfg, method, backbone, split, views, device, autocast)
+        metrics, by_score, primary = self._metrics(cfg, preds, split.K)
+        eval_s = time.time() - t_eval
+        atomic_savez(d / "predictions.npz", **preds)
+        result = {
+            "status": "complete",
+            "method": cfg.method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
+            "metrics": metrics,
+            "known_score": primary,
+            "metrics_by_score": by_score,
+            "config_hash": chash,
+            "cell_hash": cell_hash(cfg),
+            "split_hash": split.hash,
+            "backbone_identity": backbone.identity,
+            "num_known": split.K,
+            "cost": {
+                "total_seconds": round(time.time() - t0, 3),
+                "train_seconds": round(train_info["train_seconds"], 3),
+                "eval_seconds": round(eval_s, 3),
+                "steps": train_info["steps"],
+                "resumed_from_step": train_info["resumed_from_step"],
+                "trainable_params": int(n_trainable),
+                "peak_rss_mb_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                if device.type == "cuda" else None,
+            },
+            "config": to_dict(cfg),
+            "environment": environment(device),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        atomic_write_json(d / "result.json", result)
+        (d / "checkpoint.pt").unlink(missing_ok=True)
+        return result
+
+    # -- training -----------------------------------------------------------------------------
+    def _train(self, cfg, d, chash, method, split: OSSLSplit, views, device, autocast) -> dict:
+        tc, sc = cfg.train, cfg.ssl
+        generic_ssl = sc.enabled and not method.uses_unlabeled
+        want_u = method.uses_unlabeled or generic_ssl
+        n_l, n_u = len(split.labeled_idx), len(split.unlabeled_idx)
+        if tc.epoch_over == "labeled":
+            spe = StepBatches.steps_per_epoch(n_l, tc.batch_size)
+        elif tc.epoch_over == "unlabeled":
+            spe = StepBatches.steps_per_epoch(n_u, sc.unlabeled_batch_size)
+        else:
+            raise ConfigError(f"train.epoch_over must be labeled or unlabeled, got {tc.epoch_over!r}")
+        if tc.iterations:
+            total = int(tc.iterations)
+        elif tc.iterations_per_shot:
+            total = int(tc.iterations_per_shot) * cfg.shots
+        else:
+            total = int(tc.epochs) * spe
+        opt = make_optimizer(method.param_groups(), tc)
+        start = 0
+        ckpt_path = d / "checkpoint.pt"
+        train_seconds = 0.0
+        resumed = None
+        if ckpt_path.exists():
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            if ck.get("config_hash") != chash:
+                if not self.force:
+                    raise ResultExistsError(
+                        f"{ckpt_path} belongs to a run with config hash {ck.get('config_hash')}, not "
+                        f"{chash}. Pass --force to discard it and start over.")
+                ckpt_path.unlink()
+            else:
+                method.load_learned_state_dict(ck["learned"])
+                opt.load_state_dict(ck["optimizer"])
+                _set_rng(ck["rng"])
+                start = resumed = int(ck["step"])
+                train_seconds = float(ck.get("train_seconds", 0.0))
+                self.log(f"  resuming from step {start}/{total}")
+        pin = device.type == "cuda"
+        lab_views = {v: views[v] for v in method.labeled_views}
+        lab = iter(stream_loader(split.train, split.labeled_idx, lab_views, tc.batch_size, cfg.seed,
+                                 "labeled", start, total, cfg.data.num_workers, pin))
+        unl = None
+        if want_u:
+            u_views = {v: views[v] for v in (("weak", "strong") if generic_ssl else method.unlabeled_views)}
+            unl = iter(stream_loader(split.train, split.unlabeled_idx, u_views, sc.unlabeled_batch_size,
+                                     cfg.seed, "unlabeled", start, total, cfg.data.num_workers, pin))
+        crash_after = int(os.environ.get(CRASH_ENV, "-1"))
+        method.train()
+        last_ck_t, last_ck_step = time.time(), start
+        logf = open(d / "log.jsonl", "a")
+        t_start = time.time()
+        try:
+            for step in range(start, total):
+                lr = lr_at(step, total, spe, tc)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+                xb = next(lab)
+                batch = self._to_batch(xb, unl, device, split)
+                state = StepState(step=step, total_steps=total, epoch=step // spe, steps_per_epoch=spe)
+                with autocast():
+                    out = method.training_step(batch, state)
+                    loss = out.loss
+                    logs = dict(out.logs)
+                    if generic_ssl:
+                        with torch.no_grad():
+                            lw = method.predict(batch.u["weak"]).logits
+                        ls = method.predict(batch.u["strong"]).logits
+                        lu, mask = fixmatch_loss(lw.float(), ls.float(), sc.threshold)
+                        loss = loss + sc.weight * lu
+                        logs.update(loss_u=float(lu), mask_rate=float(mask.mean()))
+                if not torch.isfinite(loss):
+                    raise BenchmarkError(f"non-finite loss {float(loss)} at step {step}; lower train.lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                   tc.grad_clip)
+                opt.step()
+                done = step + 1
+                if done % max(1, tc.log_every) == 0 or done == total:
+                    rec = {"step": done, "total": total, "lr": lr, "loss": float(loss.detach()), **logs}
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
+                if done < total and (done - last_ck_step >= tc.checkpoint_every
+                                     or time.time() - last_ck_t >= tc.checkpoint_every_s):
+                    self._checkpoint(ckpt_path, chash, method, opt, done,
+                                     train_seconds + time.time() - t_start)
+                    last_ck_t, last_ck_step = time.time(), done
+                if done == crash_after:
+                    logf.flush()
+                    os._exit(137)
+        finally:
+            logf.close()
+        method.eval()
+        train_seconds += time.time() - t_start
+        atomic_torch_save(d / "learned.pt", method.learned_state_dict())
+        return {"steps": total, "resumed_from_step": resumed, "train_seconds": train_seconds}
+
+    def _to_batch(self, xb, unl, device, split) -> Batch:
+        # true labels of unlabeled images are dropped here: methods never see them
+        y = xb.pop("__y__")
+        batch = Batch(x={k: v.to(device, non_blocking=True) for k, v in xb.items()},
+                      y=y.to(device))
+        if unl is not None:
+            ub = next(unl)
+            ub.pop("__y__", None)
+            batch.u = {k: v.to(device, non_blocking=True) for k, v in ub.items()}
+        return batch
+
+    def _checkpoint(self, path, chash, method, opt, step, train_seconds) -> None:
+        atomic_torch_save(path, {
+            "config_hash": chash, "step": step, "train_seconds": train_seconds,
+            "learned": method.learned_state_dict(), "optimizer": opt.state_dict(), "rng": _get_rng()})
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def _predict_all(self, cfg, method, backbone, split: OSSLSplit, views, device, autocast) -> dict:
+        method.eval()
+        ec = cfg.eval
+        out: Dict[str, np.ndarray] = {}
+        for name, s, idx in (("test", split.test, split.test_idx),
+                             ("labeled", split.train, split.labeled_idx)):
+            preds: List[Prediction] = []
+            if method.frozen_image_encoder:
+                feats = self.features.get(backbone, cfg.dataset, s, views["test"], ec.batch_size,
+                                          device, autocast, cfg.data.num_workers)[idx]
+                for i in range(0, len(feats), ec.batch_size):
+                    with autocast():
+                        preds.append(method.predict_features(feats[i:i + ec.batch_size].to(device)))
+            else:
+                for b in eval_loader(s, idx, views["test"], ec.batch_size, cfg.data.num_workers,
+                                     device.type == "cuda"):
+                    with autocast():
+                        preds.append(method.predict(b["test"].to(device)))
+            logits = torch.cat([p.logits.float().cpu() for p in preds]).numpy()
+            if logits.shape[1] != split.K:
+                raise BenchmarkError(f"{cfg.method}.predict returned {logits.shape[1]} logits per image; "
+                                     f"expected K={split.K} (the known classes only)")
+            out[f"{name}_logits"] = logits
+            for key in preds[0].scores:
+                out[f"{name}_score_{key}"] = torch.cat([p.scores[key].float().cpu() for p in preds]).numpy()
+            out[f"{name}_ids"] = np.array([s.ids[i] for i in idx])
+        out["test_y_open"] = split.test_y_open[split.test_idx]
+        out["labeled_y"] = split.labeled_y
+        out["num_known"] = np.array(split.K)
+        return out
+
+    def _metrics(self, cfg, preds: dict, K: int):
+        return metrics_from_predictions(preds, K, cfg.eval.known_score, cfg.eval.id_recall)
+
+
+def metrics_from_predictions(preds, K: int, known_score: str = "auto", id_recall: float = 0.95):
+    """Recompute every metric from a saved ``predictions.npz`` (or the dict the engine builds)."""
+    names = [k[len("test_score_"):] for k in preds.keys() if k.startswith("test_score_")]
+    if not names:
+        raise BenchmarkError("the method returned no known-scores; predict() must return at least one")
+    primary = names[0] if known_score == "auto" else known_score
+    if primary not in names:
+        raise ConfigError(f"eval.known_score={known_score!r} is not a score of this method; it has "
+                          f"{', '.join(names)}")
+    by_score = {}
+    for n in names:
+        by_score[n] = compute_all(preds["test_logits"], preds["test_y_open"], K,
+                                  preds[f"test_score_{n}"], preds[f"labeled_score_{n}"], id_recall)
+    return by_score[primary], by_score, primary
+
+
+def _get_rng() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])

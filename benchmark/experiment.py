@@ -1,0 +1,99 @@
+"""Experiments: a YAML that names a grid (methods x datasets x shots x seeds) and its overrides.
+
+Keys: ``name``, ``description``, ``methods`` (a list, or ``all`` = every registered method shown in
+the default grid), ``datasets``, ``shots``, ``seeds``, ``backbone`` (model/pretrained/cache_dir),
+``data_root``, ``dataset_options: {<dataset>: {...}}``, ``config`` (overrides for every method:
+``train``/``ssl``/``eval``/``data``/``params`` sections), ``methods_config: {<method>: {...}}``,
+``table`` (``std_ddof``: 0 = population std as CoOp's parser, 1 = sample std).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from . import ROOT
+from .config import RunConfig, load_yaml, resolve
+from .errors import ConfigError, UnknownNameError, nearest
+from .registry import DATASETS, METHODS
+
+EXPERIMENT_KEYS = ("name", "description", "methods", "datasets", "shots", "seeds", "backbone",
+                   "data_root", "dataset_options", "config", "methods_config", "table")
+EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
+DEFAULT_EXPERIMENT = "embedded"
+
+
+def known_experiments() -> List[str]:
+    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
+
+
+def load_experiment(name_or_path: str) -> Dict[str, Any]:
+    p = Path(name_or_path)
+    if not (p.suffix in (".yaml", ".yml") and p.exists()):
+        p = EXPERIMENTS_DIR / f"{name_or_path}.yaml"
+        if not p.exists():
+            raise UnknownNameError("experiment", name_or_path, known_experiments())
+    exp = load_yaml(p)
+    for key in exp:
+        if key not in EXPERIMENT_KEYS:
+            raise ConfigError(f"{p}: unknown experiment key {key!r}; did you mean "
+                              f"{nearest(str(key), EXPERIMENT_KEYS)!r}? Valid keys: {', '.join(EXPERIMENT_KEYS)}.")
+    exp.setdefault("name", p.stem)
+    exp["_path"] = str(p)
+    return exp
+
+
+def _as_list(v, kind: str) -> List:
+    if v is None:
+        raise ConfigError(f"the experiment lists no {kind}")
+    if isinstance(v, (str, int)):
+        v = [x.strip() for x in str(v).split(",") if x.strip()]
+    return list(v)
+
+
+@dataclass
+class Grid:
+    experiment: Dict[str, Any]
+    methods: List[str]
+    datasets: List[str]
+    shots: List[int]
+    seeds: List[int]
+    runs: List[RunConfig] = field(default_factory=list)
+
+
+def build_grid(exp: Dict[str, Any], methods: Optional[List[str]] = None,
+               datasets: Optional[List[str]] = None, shots: Optional[List[int]] = None,
+               seeds: Optional[List[int]] = None, sets: Optional[List[str]] = None,
+               data_root: Optional[str] = None, device: Optional[str] = None) -> Grid:
+    exp = copy.deepcopy(exp)
+    m = methods or exp.get("methods", "all")
+    if m == "all" or m == ["all"]:
+        m = [n for n, cls in METHODS.items() if cls.in_default_grid]
+    m = _as_list(m, "methods")
+    d = _as_list(datasets or exp.get("datasets"), "datasets")
+    k = [int(x) for x in _as_list(shots or exp.get("shots"), "shots")]
+    s = [int(x) for x in _as_list(seeds or exp.get("seeds"), "seeds")]
+    for name in m:
+        METHODS.get(name)  # unknown names fail here, with the closest match
+    for name in d:
+        DATASETS.get(name)
+    root = data_root or exp.get("data_root")
+    cli = list(sets or [])
+    grid = Grid(exp, m, d, k, s)
+    for ds in d:
+        ds_exp = copy.deepcopy(exp)
+        cfg_tree = ds_exp.setdefault("config", {}) or {}
+        ds_exp["config"] = cfg_tree
+        data = cfg_tree.setdefault("data", {})
+        if root:
+            data["root"] = str(root)
+        opts = (exp.get("dataset_options") or {}).get(ds)
+        if opts:
+            data["options"] = opts
+        for shot in k:
+            for seed in s:
+                for name in m:
+                    extra = cli + ([f"device={device}"] if device else [])
+                    grid.runs.append(resolve(METHODS.get(name), ds, shot, seed, ds_exp, extra))
+    return grid

@@ -1,0 +1,155 @@
+"""Transforms, deterministic batch streams and the frozen-feature cache.
+
+Resumable determinism: the images of optimisation step ``s`` are a pure function of (seed, stream,
+s): each epoch's order is a permutation drawn from ``(seed, stream, epoch)`` and each sample's
+augmentation runs under its own RNG seed drawn from ``(seed, stream, epoch, position)``. A resumed run
+therefore needs only the step counter to see exactly the images an uninterrupted run sees, with any
+number of loader workers.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from .data import Split
+from .io import atomic_torch_save
+
+STREAMS = {"labeled": 1, "unlabeled": 2}
+
+
+def _interp(name: str):
+    return {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+            "nearest": T.InterpolationMode.NEAREST}.get(str(name), T.InterpolationMode.BICUBIC)
+
+
+def build_transforms(preprocess_cfg: dict, data_cfg) -> Dict[str, Callable]:
+    """The views a method may ask for, with the backbone's own size, mean, std and interpolation."""
+    size = preprocess_cfg.get("size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
+    std = preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+    interp = _interp(preprocess_cfg.get("interpolation", "bicubic"))
+    norm = [T.ToTensor(), T.Normalize(mean, std)]
+    weak = [T.RandomResizedCrop(size, scale=tuple(data_cfg.crop_scale), interpolation=interp),
+            T.RandomHorizontalFlip()]
+    return {
+        "weak": T.Compose(weak + norm),
+        "strong": T.Compose(weak + [T.RandAugment(data_cfg.randaugment_n, data_cfg.randaugment_m)] + norm),
+        "test": T.Compose([T.Resize(size, interpolation=interp), T.CenterCrop(size)] + norm),
+    }
+
+
+def sample_seed(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint32)[0])
+
+
+class ViewDataset(Dataset):
+    """Items are ``(index, aug_seed)`` pairs; returns ``{view: tensor}`` for the requested views."""
+
+    def __init__(self, split: Split, views: Dict[str, Callable]):
+        self.split = split
+        self.views = views
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, item) -> Dict[str, torch.Tensor]:
+        idx, seed = item if isinstance(item, tuple) else (item, 0)
+        img = self.split.image(int(idx))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = {name: t(img) for name, t in self.views.items()}
+        out["__y__"] = torch.tensor(int(self.split.labels[int(idx)]))
+        return out
+
+
+class StepBatches:
+    """Index batches of one stream for steps ``[start, stop)``; Dassl's drop_last when n >= bs."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, stream: str,
+                 start: int, stop: int):
+        self.indices = np.asarray(indices)
+        self.bs = int(batch_size)
+        self.seed = int(seed)
+        self.stream = STREAMS[stream]
+        self.start, self.stop = int(start), int(stop)
+
+    @staticmethod
+    def steps_per_epoch(n: int, batch_size: int) -> int:
+        return max(1, n // batch_size) if n >= batch_size else 1
+
+    def batch(self, step: int) -> List[Tuple[int, int]]:
+        n = len(self.indices)
+        spe = self.steps_per_epoch(n, self.bs)
+        epoch, b = divmod(step, spe)
+        perm = np.random.default_rng([self.seed, self.stream, epoch]).permutation(n)
+        pos = perm[b * self.bs:(b + 1) * self.bs]
+        return [(int(self.indices[p]), sample_seed(self.seed, self.stream, epoch, b * self.bs + k))
+                for k, p in enumerate(pos)]
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        for s in range(self.start, self.stop):
+            yield self.batch(s)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def _collate(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def stream_loader(split: Split, indices: np.ndarray, views: Dict[str, Callable], batch_size: int,
+                  seed: int, stream: str, start: int, stop: int, num_workers: int = 0,
+                  pin_memory: bool = False) -> DataLoader:
+    return DataLoader(ViewDataset(split, views),
+                      batch_sampler=StepBatches(indices, batch_size, seed, stream, start, stop),
+                      collate_fn=_collate, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False)
+
+
+def eval_loader(split: Split, indices: np.ndarray, transform: Callable, batch_size: int,
+                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    ds = ViewDataset(split, {"test": transform})
+    items = [(int(i), 0) for i in indices]
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    return DataLoader(ds, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers,
+                      pin_memory=pin_memory)
+
+
+class FeatureCache:
+    """Frozen CLIP image features (eval transform) of a dataset split, on disk.
+
+    Keyed by the backbone's identity (the checkpoint's SHA-256 or name:tag), the dataset, the split's
+    content fingerprint and the transform, so a changed checkpoint or dataset never serves stale
+    features. Shared by every method and seed."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def key(self, backbone_identity: str, dataset: str, split: Split, transform_desc: str) -> str:
+        raw = "|".join([backbone_identity, dataset, split.fingerprint(), transform_desc])
+        return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+    def get(self, backbone, dataset: str, split: Split, transform: Callable, batch_size: int,
+            device, autocast, num_workers: int = 0) -> torch.Tensor:
+        key = self.key(backbone.identity, dataset, split, repr(transform))
+        path = self.folder / f"{dataset}-{key}.pt"
+        if path.exists():
+            try:
+                return torch.load(path, map_location="cpu")
+            except Exception:  # noqa: BLE001 - a corrupt cache file is recomputed
+                path.unlink(missing_ok=True)
+        feats = []
+        with torch.no_grad(), autocast():
+            for b in eval_loader(split, np.arange(len(split)), transform, batch_size, num_workers):
+                feats.append(backbone.encode_image(b["test"].to(device)).pooled.float().cpu())
+        out = torch.cat(feats)
+        atomic_torch_save(path, out)
+        return out

@@ -1,0 +1,157 @@
+"""The method plugin contract.
+
+A method is an ``nn.Module`` subclass of :class:`Method` in one file of ``methods/``, registered with
+``@register_method("name")``, with a ``Config`` dataclass (the schema of ``params`` in its YAML).
+The engine owns optimisation, schedules, AMP, seeding, checkpoints, evaluation and files: a method
+never calls ``optimizer.step()`` and never writes files. What it implements:
+
+* ``__init__(cfg, backbone, ctx)``: build learnable parts; ``ctx`` gives the K known class names
+  (never OOD names), the dataset's template, shots and seed;
+* ``training_step(batch, state) -> StepOutput`` (if ``trains``): a differentiable loss and logs;
+* ``predict(images) -> Prediction``: closed-set logits over the K known classes and named
+  known-scores (higher = more likely known);
+* optionally ``predict_features(features)`` when ``frozen_image_encoder`` is true: the prediction from
+  ``backbone.encode_image(images).pooled`` alone, so the engine may serve cached features.
+
+Learned state (what is checkpointed and saved) is every parameter with ``requires_grad`` plus the
+buffers named in ``learned_buffers``. CLIP's own weights are frozen by the backbone wrapper.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbone import CLIPBackbone
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class NoParams:
+    """Config of a method without parameters of its own."""
+
+
+@dataclass
+class MethodContext:
+    classnames: List[str]  # the K known class names, canonical order
+    template: str  # the dataset's zero-shot template, with one "{}"
+    dataset: str
+    shots: int
+    seed: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+
+@dataclass
+class Batch:
+    """One training step's data. ``x``/``u`` map a view name ("weak", "strong", "test") to images."""
+
+    x: Dict[str, Tensor]
+    y: Tensor
+    u: Optional[Dict[str, Tensor]] = None
+
+
+@dataclass
+class StepState:
+    step: int  # 0-based optimisation step
+    total_steps: int
+    epoch: int
+    steps_per_epoch: int
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    logs: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    logits: Tensor  # [B, K] closed-set logits
+    scores: Dict[str, Tensor]  # name -> [B] known-score, higher = more likely known
+
+
+class Method(nn.Module):
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoParams
+    #: False for training-free methods (zero-shot): the engine skips optimisation
+    trains: ClassVar[bool] = True
+    #: True if ``training_step`` consumes ``batch.u`` itself (then the engine's generic FixMatch loop
+    #: is not added on top)
+    uses_unlabeled: ClassVar[bool] = False
+    #: augmentation views of labeled and unlabeled images the method wants in each batch;
+    #: known views: "weak" (train transform), "strong" (weak + RandAugment), "test" (eval transform)
+    labeled_views: ClassVar[Tuple[str, ...]] = ("weak",)
+    unlabeled_views: ClassVar[Tuple[str, ...]] = ("weak", "strong")
+    #: predictions depend on the image only through the frozen CLIP image feature
+    frozen_image_encoder: ClassVar[bool] = False
+    #: True if the method changes modules inside the backbone (LoRA): it gets its own copy
+    modifies_backbone: ClassVar[bool] = False
+    #: shown in the default grid and the paper tables (helper/test methods set False)
+    in_default_grid: ClassVar[bool] = True
+    #: names of buffers that are learned state (e.g. a cache of class prototypes)
+    learned_buffers: ClassVar[Tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any, backbone: CLIPBackbone, ctx: MethodContext):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.ctx = ctx
+
+    # -- to implement -------------------------------------------------------------------------
+    def training_step(self, batch: Batch, state: StepState) -> StepOutput:
+        raise NotImplementedError(f"{type(self).__name__} declares trains=True but has no training_step")
+
+    def predict(self, images: Tensor) -> Prediction:
+        if self.frozen_image_encoder:
+            return self.predict_features(self.backbone.encode_image(images).pooled)
+        raise NotImplementedError
+
+    def predict_features(self, features: Tensor) -> Prediction:
+        raise NotImplementedError
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """Optimizer parameter groups (default: every trainable parameter in one group)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    # -- learned state ------------------------------------------------------------------------
+    def learned_state_dict(self) -> Dict[str, Tensor]:
+        sd = {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+        for b in self.learned_buffers:
+            sd[b] = getattr(self, b).detach().clone()
+        return sd
+
+    def load_learned_state_dict(self, sd: Dict[str, Tensor]) -> None:
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad} | set(self.learned_buffers)
+        if set(sd) != expected:
+            raise RuntimeError(f"learned state mismatch: missing {sorted(expected - set(sd))}, "
+                               f"unexpected {sorted(set(sd) - expected)}")
+        with torch.no_grad():
+            for n, t in sd.items():
+                target = params[n] if n in params else getattr(self, n)
+                target.copy_(t)
+
+    # -- helpers shared by many methods -------------------------------------------------------
+    def text_features(self, texts: List[str]) -> Tensor:
+        """L2-normalised text features of ``texts`` through the frozen text tower."""
+        with torch.no_grad():
+            return F.normalize(self.backbone.encode_text(self.backbone.tokenize(texts)), dim=-1)
+
+    def class_prompts(self) -> List[str]:
+        return [self.ctx.template.format(c) for c in self.ctx.classnames]
+
+
+def softmax_scores(logits: Tensor, scale: Tensor | float) -> Dict[str, Tensor]:
+    """Standard known-scores from logits = scale * cosine: MSP of the logits and MCM (max softmax
+    of the cosine similarities at temperature 1, Ming et al. 2022)."""
+    return {
+        "msp": logits.softmax(-1).max(-1).values,
+        "mcm": (logits / scale).softmax(-1).max(-1).values,
+    }

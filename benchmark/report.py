@@ -1,0 +1,181 @@
+"""Summary, paper-shaped tables and figures, built from ``result.json`` files alone.
+
+* ``results/summary.csv``: long format, one row per (run, metric).
+* ``results/tables/<table>.{md,tex,csv}``: rows = methods, columns = dataset x shots, cells
+  mean ± std over seeds, best mean per column in bold. ``table1_acc`` and ``table2_ba`` are the
+  paper's two tables (``acc`` and ``ba_closed``); the open-set metrics get their own tables.
+* ``results/figures/<metric>.png``: grouped bars with std error bars.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .errors import BenchmarkError
+from .io import atomic_write_text
+
+TABLES = {  # file stem -> (metric, title)
+    "table1_acc": ("acc", "Closed-set accuracy (%) on ID test images"),
+    "table2_ba": ("ba_closed", "Balanced accuracy (%) over K+1 classes, closed-set prediction (paper protocol)"),
+    "ba_open": ("ba_open", "Open-set balanced accuracy (%), threshold from labeled ID data"),
+    "auroc": ("auroc", "ID-vs-OOD AUROC (%) of the known-score"),
+    "fpr95": ("fpr95", "FPR (%) on OOD at 95% TPR on ID (lower is better)"),
+    "h_score": ("h_score", "H-score (%): harmonic mean of known accuracy and unknown recall"),
+}
+LOWER_IS_BETTER = {"fpr95"}
+FIGURE_METRICS = ("acc", "ba_closed", "auroc", "h_score")
+
+
+def collect(result_paths: Iterable[Path]) -> pd.DataFrame:
+    rows = []
+    for p in result_paths:
+        r = json.loads(Path(p).read_text())
+        for metric, value in r["metrics"].items():
+            if metric == "open_threshold":
+                continue
+            rows.append({"method": r["method"], "dataset": r["dataset"], "shots": r["shots"],
+                         "seed": r["seed"], "metric": metric, "value": value,
+                         "known_score": r.get("known_score"), "config_hash": r["config_hash"],
+                         "cell_hash": r.get("cell_hash", ""), "split_hash": r["split_hash"],
+                         "seconds": r["cost"]["total_seconds"]})
+    return pd.DataFrame(rows, columns=["method", "dataset", "shots", "seed", "metric", "value",
+                                       "known_score", "config_hash", "cell_hash", "split_hash", "seconds"])
+
+
+def write_summary(df: pd.DataFrame, path: Path) -> None:
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def cell_stats(df: pd.DataFrame, metric: str, ddof: int = 0) -> pd.DataFrame:
+    sub = df[df.metric == metric]
+    mixed = sub.groupby(["method", "dataset", "shots"])["cell_hash"].nunique()
+    if (mixed > 1).any():
+        bad = ", ".join(f"{m}/{d}/{k}" for (m, d, k) in mixed[mixed > 1].index)
+        raise BenchmarkError(f"table cells mix runs with different configurations: {bad}. Rerun the "
+                             f"stale runs (--force) so each cell averages one configuration.")
+    g = sub.groupby(["method", "dataset", "shots"])["value"]
+    return pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=ddof).fillna(0.0), "n": g.count()}).reset_index()
+
+
+def table(df: pd.DataFrame, metric: str, methods: Sequence[str], datasets: Sequence[str],
+          shots: Sequence[int], ddof: int = 0, n_seeds: Optional[int] = None):
+    """Returns (cells: DataFrame of strings, means: DataFrame, best: DataFrame of bools)."""
+    st = cell_stats(df, metric, ddof)
+    cols = [(d, k) for d in datasets for k in shots]
+    means = pd.DataFrame(np.nan, index=list(methods), columns=pd.MultiIndex.from_tuples(cols))
+    stds, ns = means.copy(), means.copy()
+    for _, r in st.iterrows():
+        if r["method"] in means.index and (r["dataset"], r["shots"]) in means.columns:
+            means.loc[r["method"], (r["dataset"], r["shots"])] = r["mean"]
+            stds.loc[r["method"], (r["dataset"], r["shots"])] = r["std"]
+            ns.loc[r["method"], (r["dataset"], r["shots"])] = r["n"]
+    lower = metric in LOWER_IS_BETTER
+    best = means.eq(means.min() if lower else means.max()) & means.notna()
+    cells = means.copy().astype(object)
+    for m in means.index:
+        for c in means.columns:
+            if np.isnan(means.loc[m, c]):
+                cells.loc[m, c] = "–"
+                continue
+            s = f"{means.loc[m, c]:.2f} ± {stds.loc[m, c]:.2f}"
+            if n_seeds and ns.loc[m, c] < n_seeds:
+                s += f" (n={int(ns.loc[m, c])})"
+            cells.loc[m, c] = s
+    return cells, means, best
+
+
+def _fmt_cols(cols) -> List[str]:
+    return [f"{d} {k}-shot" for d, k in cols]
+
+
+def to_markdown(cells, best, title: str, caption: str) -> str:
+    head = "| Method | " + " | ".join(_fmt_cols(cells.columns)) + " |"
+    sep = "|---|" + "---|" * len(cells.columns)
+    lines = [f"### {title}", "", head, sep]
+    for m in cells.index:
+        vals = [f"**{cells.loc[m, c]}**" if best.loc[m, c] else str(cells.loc[m, c]) for c in cells.columns]
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    lines += ["", caption, ""]
+    return "\n".join(lines)
+
+
+def _tex_escape(s: str) -> str:
+    return s.replace("_", r"\_").replace("±", r"$\pm$").replace("%", r"\%").replace("–", "--")
+
+
+def to_latex(cells, best, title: str, caption: str) -> str:
+    datasets = list(dict.fromkeys(d for d, _ in cells.columns))
+    shots = list(dict.fromkeys(k for _, k in cells.columns))
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{l" + "c" * len(cells.columns) + "}", r"\toprule",
+             "Method & " + " & ".join(rf"\multicolumn{{{len(shots)}}}{{c}}{{{_tex_escape(d)}}}" for d in datasets) + r" \\",
+             " & " + " & ".join(f"{k}-shot" for _ in datasets for k in shots) + r" \\", r"\midrule"]
+    for m in cells.index:
+        vals = []
+        for c in cells.columns:
+            v = _tex_escape(str(cells.loc[m, c]))
+            vals.append(rf"\textbf{{{v}}}" if best.loc[m, c] else v)
+        lines.append(_tex_escape(m) + " & " + " & ".join(vals) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_tex_escape(title)}. {_tex_escape(caption)}}}",
+              r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def write_tables(df: pd.DataFrame, out_dir: Path, methods, datasets, shots, ddof: int = 0,
+                 n_seeds: Optional[int] = None) -> List[Path]:
+    out_dir = Path(out_dir)
+    written = []
+    std_name = "population std (ddof=0, as CoOp's parser)" if ddof == 0 else f"sample std (ddof={ddof})"
+    for stem, (metric, title) in TABLES.items():
+        if df.empty or not (df.metric == metric).any():
+            continue
+        cells, means, best = table(df, metric, methods, datasets, shots, ddof, n_seeds)
+        caption = (f"Mean ± {std_name} over seeds {sorted(set(df.seed))}; best per column in bold"
+                   + (" (lowest)." if metric in LOWER_IS_BETTER else "."))
+        md = to_markdown(cells, best, title, caption)
+        atomic_write_text(out_dir / f"{stem}.md", md)
+        atomic_write_text(out_dir / f"{stem}.tex", to_latex(cells, best, title, caption))
+        flat = cells.copy()
+        flat.columns = _fmt_cols(cells.columns)
+        atomic_write_text(out_dir / f"{stem}.csv", flat.rename_axis("method").to_csv())
+        written += [out_dir / f"{stem}.{e}" for e in ("md", "tex", "csv")]
+    return written
+
+
+def write_figures(df: pd.DataFrame, out_dir: Path, methods, datasets, shots) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for metric in FIGURE_METRICS:
+        sub = df[df.metric == metric].copy()
+        if sub.empty:
+            continue
+        sub["setting"] = sub["dataset"] + "\n" + sub["shots"].astype(str) + "-shot"
+        order = [f"{d}\n{k}-shot" for d in datasets for k in shots]
+        order = [o for o in order if o in set(sub.setting)]
+        hue = [m for m in methods if m in set(sub.method)]
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(order) * max(1, len(hue)) / 3), 4))
+        sns.barplot(data=sub, x="setting", y="value", hue="method", order=order, hue_order=hue,
+                    errorbar="sd", ax=ax)
+        ax.set_xlabel("")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_title(dict((m, t) for m, t in TABLES.values()).get(metric, metric))
+        ax.legend(fontsize=7, ncol=min(4, len(hue)))
+        fig.tight_layout()
+        path = out_dir / f"{metric}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+    return written

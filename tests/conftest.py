@@ -1,0 +1,54 @@
+"""Test set-up: offline hub, the test plugin folder and a random micro CLIP config."""
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+os.environ["OSSL_PLUGIN_PATH"] = str(TESTS / "plugins")
+sys.path.insert(0, str(ROOT))
+
+import open_clip  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+MICRO = "test-micro-vit"
+open_clip.add_model_config(str(TESTS / "assets" / f"{MICRO}.json"))
+torch.set_num_threads(2)
+
+
+def _micro_checkpoint() -> str:
+    """A seeded random micro CLIP saved once, so every process and run shares the same weights."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"ossl-{MICRO}-seed0-{torch.__version__}.pt"
+    if not path.exists():
+        from benchmark.io import atomic_torch_save
+
+        torch.manual_seed(0)
+        model = open_clip.create_model(MICRO, pretrained=None)
+        atomic_torch_save(path, model.state_dict())
+    return str(path)
+
+
+MICRO_CKPT = _micro_checkpoint()
+TOY_EXPERIMENT = {
+    "name": "toy",
+    "backbone": {"model": MICRO, "pretrained": MICRO_CKPT},
+    "config": {"train": {"epochs": 2, "batch_size": 8}, "ssl": {"unlabeled_batch_size": 8}},
+}
+
+
+@pytest.fixture(scope="session")
+def micro_backbone():
+    from benchmark.backbone import BackboneConfig, CLIPBackbone
+
+    return CLIPBackbone.load(BackboneConfig(model=MICRO, pretrained=MICRO_CKPT))
+
+
+def toy_cfg(method="linear_probe", shots=2, seed=1, sets=(), dataset="toy"):
+    from benchmark.config import resolve
+    from benchmark.registry import METHODS
+
+    return resolve(METHODS.get(method), dataset, shots, seed, TOY_EXPERIMENT, list(sets))

@@ -1,0 +1,130 @@
+"""The backbone wrapper against open_clip's own forward passes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 32, 32, generator=g)
+
+
+def test_encode_image_equals_open_clip(micro_backbone, images):
+    bb = micro_backbone
+    with torch.no_grad():
+        ours = bb.encode_image(images).pooled
+        ref = bb.model.encode_image(images)
+    assert torch.equal(ours, ref)
+
+
+def test_encode_text_equals_open_clip(micro_backbone):
+    bb = micro_backbone
+    tokens = bb.tokenize(["a photo of a red finch.", "a photo of a thing with a long name, a type of bird."])
+    with torch.no_grad():
+        ours = bb.encode_text_embeddings(bb.token_embedding(tokens), tokens)
+        ref = bb.model.encode_text(tokens)
+    assert torch.equal(ours, ref)
+
+
+def test_patch_tokens_are_open_clip_tokens_projected(micro_backbone, images):
+    bb = micro_backbone
+    v = bb.model.visual
+    v.output_tokens = True
+    try:
+        with torch.no_grad():
+            pooled, tokens = v(images)  # open_clip: tokens after ln_post, not projected
+    finally:
+        v.output_tokens = False
+    out = bb.encode_image(images, return_patches=True)
+    assert out.patches.shape == (4, bb.num_patches, bb.embed_dim)
+    torch.testing.assert_close(out.patches, tokens @ v.proj, rtol=0, atol=1e-6)
+    assert torch.equal(out.pooled, pooled)
+
+
+def _manual_vision(bb, images, prompts, deep):
+    """Block-by-block reference written against open_clip modules directly."""
+    v = bb.model.visual
+    x = v.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], 1) + v.positional_embedding
+    n = prompts.shape[0]
+    x = v.ln_pre(torch.cat([x, prompts.expand(x.shape[0], -1, -1)], 1))
+    for j, blk in enumerate(v.transformer.resblocks):
+        if 1 <= j < len(deep) and deep[j] is not None:
+            x = torch.cat([x[:, :-n], deep[j].expand(x.shape[0], -1, -1)], 1)
+        x = blk(x)
+    x = v.ln_post(x)
+    return x[:, 0] @ v.proj, x[:, -n:] @ v.proj
+
+
+def test_deep_visual_prompts_match_manual_forward(micro_backbone, images):
+    bb = micro_backbone
+    g = torch.Generator().manual_seed(1)
+    W = bb.vision_width
+    prompts = torch.randn(2, W, generator=g)
+    deep = [None, torch.randn(2, W, generator=g)]  # replaced at block 1, propagates at block 2
+    out = bb.encode_image(images, prompts=prompts, deep_prompts=deep, return_prompts=True)
+    ref_pooled, ref_prompts = _manual_vision(bb, images, prompts, deep)
+    torch.testing.assert_close(out.pooled, ref_pooled)
+    torch.testing.assert_close(out.prompts, ref_prompts)
+    # the deep prompt matters: replacing it changes the output
+    out2 = bb.encode_image(images, prompts=prompts, deep_prompts=[None, deep[1] * -2.0])
+    assert not torch.allclose(out.pooled, out2.pooled)
+
+
+def test_deep_text_prompts_replace_positions(micro_backbone):
+    bb = micro_backbone
+    tokens = bb.tokenize(["x x x red finch."])
+    emb = bb.token_embedding(tokens)
+    g = torch.Generator().manual_seed(2)
+    deep = [None, torch.randn(3, bb.text_width, generator=g)]
+    ours = bb.encode_text_embeddings(emb, tokens, deep_prompts=deep)
+    m = bb.model
+    x = emb + m.positional_embedding
+    for j, blk in enumerate(m.transformer.resblocks):
+        if j == 1:
+            x = torch.cat([x[:, :1], deep[1].unsqueeze(0), x[:, 4:]], 1)
+        x = blk(x, attn_mask=m.attn_mask)
+    x = m.ln_final(x)
+    ref = x[torch.arange(1), tokens.argmax(-1)] @ m.text_projection
+    torch.testing.assert_close(ours, ref)
+
+
+def test_value_local_features_follow_locoop(micro_backbone, images):
+    bb = micro_backbone
+    v = bb.model.visual
+    out = bb.encode_image(images, return_value_local=True)
+    # reference: run all blocks but the last, then the last block's value path by hand
+    x = v._embeds(images)
+    blocks = v.transformer.resblocks
+    for blk in blocks[:-1]:
+        x = blk(x)
+    last = blocks[-1]
+    W = x.shape[-1]
+    val = last.ln_1(x) @ last.attn.in_proj_weight[2 * W:].t() + last.attn.in_proj_bias[2 * W:]
+    val = last.attn.out_proj(val)
+    y = x + val
+    y = y + last.mlp(last.ln_2(y))
+    ref = v.ln_post(y[:, 1:]) @ v.proj
+    torch.testing.assert_close(out.value_local, ref)
+    torch.testing.assert_close(out.pooled, bb.model.encode_image(images))
+
+
+def test_backbone_is_frozen_and_lists_attention(micro_backbone):
+    bb = micro_backbone
+    assert not any(p.requires_grad for p in bb.parameters())
+    mods = bb.attention_modules()
+    assert len(mods) == bb.vision_layers + bb.text_layers
+    assert all(isinstance(m, torch.nn.MultiheadAttention) for _, _, m in mods)
+    bb.train()
+    assert not bb.model.training
+
+
+def test_bad_pretrained_path_is_a_clear_error():
+    from benchmark.backbone import BackboneConfig, CLIPBackbone
+    from benchmark.errors import BenchmarkError, UnknownNameError
+
+    with pytest.raises(BenchmarkError, match="no file is there"):
+        CLIPBackbone.load(BackboneConfig(model="ViT-B-16", pretrained="/nonexistent/clip.pt"))
+    with pytest.raises(UnknownNameError, match="ViT-B-16"):
+        CLIPBackbone.load(BackboneConfig(model="ViT-B-61", pretrained=""))
