@@ -89,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = Path(args.results_dir)
     engine = Engine(results, force=args.force)
     runs = grid.runs
-    label = lambda c: f"{c.dataset}/{c.method}/{c.shots}-shot/seed{c.seed}"  # noqa: E731
+    label = lambda c: f"{c.dataset}/{c.label}/{c.shots}-shot/seed{c.seed}"  # noqa: E731
     print(f"experiment {exp['name']}: {len(grid.methods)} methods x {len(grid.datasets)} datasets x "
           f"shots {grid.shots} x seeds {grid.seeds} = {len(runs)} runs -> {results}")
     if args.dry_run or args.status:
@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for i, c in enumerate(todo):
             known = [t for ts in per_method.values() for t in ts]
             rest = todo[i:]
-            eta = sum((sum(per_method[r.method]) / len(per_method[r.method])) if per_method[r.method]
+            eta = sum((sum(per_method[r.label]) / len(per_method[r.label])) if per_method[r.label]
                       else (sum(known) / len(known) if known else 0.0) for r in rest)
             eta_s = f", about {_fmt_s(eta)} left" if known else ""
             print(f"[{i + 1}/{len(todo)}] {label(c)}{eta_s}", flush=True)
@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     break
                 continue
             dt = time.time() - t0
-            per_method[c.method].append(dt)
+            per_method[c.label].append(dt)
             m = r["metrics"]
             print(f"  acc {m['acc']:.2f}  ba {m['ba_closed']:.2f}  auroc {m['auroc']:.2f}  ({dt:.1f}s)")
         if todo:
@@ -146,6 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                       ddof, n_seeds=len(grid.seeds))
         if not args.no_figures:
             written += report.write_figures(df, results / "figures", grid.methods, grid.datasets, grid.shots)
+            order = sorted(runs, key=lambda c: (-c.shots, c.seed))  # prefer the most-shot, first seed
+            written += report.write_patch_figures([run_dir(results, c) for c in order], results / "figures")
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

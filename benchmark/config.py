@@ -81,6 +81,8 @@ class EvalConfig:
     known_score: str = "auto"
     # ba_open: the threshold keeps this fraction of *labeled* ID images as known
     id_recall: float = 0.95
+    # test images whose selected patches are saved (methods with patch_selection) for the figure
+    explain_images: int = field(default=6, metadata=NOHASH)
 
 
 @dataclass
@@ -106,6 +108,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     device: str = field(default="auto", metadata=NOHASH)  # auto | cpu | cuda | cuda:N
+    # the row name in tables and the run folder: the method's name, or an experiment variant's
+    label: str = field(default="", metadata=NOHASH)
+
+    def __post_init__(self):
+        self.label = self.label or self.method
 
 
 SECTIONS = ("params", "train", "ssl", "eval", "data", "backbone")
@@ -272,11 +279,14 @@ def _check_sections(tree: Dict[str, Any], where: str, extra: Tuple[str, ...] = (
 
 def resolve(method_cls, dataset: str, shots: int, seed: int,
             experiment: Optional[Dict[str, Any]] = None,
-            cli_sets: Optional[List[str]] = None) -> RunConfig:
-    """Build a run's :class:`RunConfig` from all layers (see module docstring)."""
+            cli_sets: Optional[List[str]] = None, label: Optional[str] = None,
+            variant_config: Optional[Dict[str, Any]] = None) -> RunConfig:
+    """Build a run's :class:`RunConfig` from all layers (see module docstring). A variant (an
+    experiment's named configuration of a method, e.g. an ablation row) adds its ``config`` after
+    the experiment's layers and before the command line."""
     method = method_cls.name
     cfg = RunConfig(method=method, dataset=dataset, shots=int(shots), seed=int(seed),
-                    params=method_cls.Config())
+                    params=method_cls.Config(), label=label or method)
     # 2. method YAML
     myaml = copy.deepcopy(method_yaml(method))
     by_dataset = myaml.pop("by_dataset", {}) or {}
@@ -298,6 +308,8 @@ def resolve(method_cls, dataset: str, shots: int, seed: int,
     mc = (exp.get("methods_config") or {}).get(method)
     if mc:
         layers.append((f"experiment methods_config.{method}", mc))
+    if variant_config:
+        layers.append((f"experiment variants.{label}", variant_config))
     # 4. command line
     cli_tree: Dict[str, Any] = {}
     for expr in cli_sets or []:

@@ -46,7 +46,7 @@ CRASH_ENV = "OSSL_CRASH_AFTER_STEP"  # test hook: hard-exit after this step (sim
 
 
 def run_dir(results_dir: Path, cfg: RunConfig) -> Path:
-    return Path(results_dir) / "runs" / cfg.dataset / cfg.method / f"shots{cfg.shots}_seed{cfg.seed}"
+    return Path(results_dir) / "runs" / cfg.dataset / cfg.label / f"shots{cfg.shots}_seed{cfg.seed}"
 
 
 def seed_everything(seed: int) -> None:
@@ -258,9 +258,10 @@ class Engine:
         metrics, by_score, primary = self._metrics(cfg, preds, split.K)
         eval_s = time.time() - t_eval
         atomic_savez(d / "predictions.npz", **preds)
+        self._save_patch_selection(cfg, method, backbone, split, views, device, autocast, d)
         result = {
             "status": "complete",
-            "method": cfg.method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
+            "method": cfg.method, "label": cfg.label, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
             "metrics": metrics,
             "known_score": primary,
             "metrics_by_score": by_score,
@@ -435,6 +436,31 @@ class Engine:
         out["labeled_y"] = split.labeled_y
         out["num_known"] = np.array(split.K)
         return out
+
+    @torch.no_grad()
+    def _save_patch_selection(self, cfg, method, backbone, split, views, device, autocast, d) -> None:
+        n = min(cfg.eval.explain_images, len(split.test_idx))
+        if n <= 0 or type(method).patch_selection is Method.patch_selection:
+            return
+        # the first n ID test images, one per class where possible
+        K = split.K
+        idx = [int(i) for i in split.test_idx if split.test_y_open[i] < K]
+        by_class = {}
+        for i in idx:
+            by_class.setdefault(int(split.test.labels[i]), i)
+        chosen = (list(by_class.values()) + idx)[:n]
+        chosen = list(dict.fromkeys(chosen))[:n]
+        images = torch.stack([views["test"](split.test.image(i)) for i in chosen]).to(device)
+        with autocast():
+            maps = method.patch_selection(images)
+        if not maps:
+            return
+        size = images.shape[-1]
+        raw = np.stack([np.asarray(split.test.image(i).convert("RGB").resize((size, size))) for i in chosen])
+        gh, gw = backbone.model.visual.grid_size
+        atomic_savez(d / "patches.npz", images=raw, ids=np.array([split.test.ids[i] for i in chosen]),
+                     labels=np.array([split.id_classnames[split.test.labels[i]] for i in chosen]),
+                     grid=np.array([gh, gw]), **{f"mask_{k}": v.cpu().numpy() for k, v in maps.items()})
 
     def _metrics(self, cfg, preds: dict, K: int):
         return metrics_from_predictions(preds, K, cfg.eval.known_score, cfg.eval.id_recall)

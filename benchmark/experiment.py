@@ -4,7 +4,15 @@ Keys: ``name``, ``description``, ``methods`` (a list, or ``all`` = every registe
 the default grid), ``datasets``, ``shots``, ``seeds``, ``backbone`` (model/pretrained/cache_dir),
 ``data_root``, ``dataset_options: {<dataset>: {...}}``, ``config`` (overrides for every method:
 ``train``/``ssl``/``eval``/``data``/``params`` sections), ``methods_config: {<method>: {...}}``,
-``table`` (``std_ddof``: 0 = population std as CoOp's parser, 1 = sample std).
+``variants: {<label>: {method: <m>, config: {...}}}`` (named configurations of a method, usable in
+``methods`` like a method name: ablation rows), ``table`` (``std_ddof``: 0 = population std as CoOp's parser, 1 = sample std).
+
+``base: <experiment>`` starts from another experiment (its keys and its ``.d`` presets) and replaces
+the keys this file gives.
+
+A folder ``<experiment>.d/`` beside the YAML may hold one ``<method>.yaml`` per method: each is that
+method's ``methods_config`` entry (so every method's preset lives in its own file). A method given in
+both places is an error.
 """
 from __future__ import annotations
 
@@ -18,8 +26,8 @@ from .config import RunConfig, load_yaml, resolve
 from .errors import ConfigError, UnknownNameError, nearest
 from .registry import DATASETS, METHODS
 
-EXPERIMENT_KEYS = ("name", "description", "methods", "datasets", "shots", "seeds", "backbone",
-                   "data_root", "dataset_options", "config", "methods_config", "table")
+EXPERIMENT_KEYS = ("base", "name", "description", "methods", "datasets", "shots", "seeds", "backbone",
+                   "data_root", "dataset_options", "config", "methods_config", "table", "variants")
 EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
 DEFAULT_EXPERIMENT = "embedded"
 
@@ -39,8 +47,21 @@ def load_experiment(name_or_path: str) -> Dict[str, Any]:
         if key not in EXPERIMENT_KEYS:
             raise ConfigError(f"{p}: unknown experiment key {key!r}; did you mean "
                               f"{nearest(str(key), EXPERIMENT_KEYS)!r}? Valid keys: {', '.join(EXPERIMENT_KEYS)}.")
+    if exp.get("base"):
+        base = load_experiment(exp.pop("base"))
+        base.update(exp)
+        exp = base
+        exp["name"] = load_yaml(p).get("name", p.stem)
     exp.setdefault("name", p.stem)
     exp["_path"] = str(p)
+    side = p.with_suffix(".d")
+    if side.is_dir():
+        mc = exp.setdefault("methods_config", {}) or {}
+        exp["methods_config"] = mc
+        for f in sorted(side.glob("*.yaml")):
+            if f.stem in mc:
+                raise ConfigError(f"method {f.stem!r} is configured both in {p} (methods_config) and in {f}")
+            mc[f.stem] = load_yaml(f)
     return exp
 
 
@@ -74,8 +95,16 @@ def build_grid(exp: Dict[str, Any], methods: Optional[List[str]] = None,
     d = _as_list(datasets or exp.get("datasets"), "datasets")
     k = [int(x) for x in _as_list(shots or exp.get("shots"), "shots")]
     s = [int(x) for x in _as_list(seeds or exp.get("seeds"), "seeds")]
+    variants = exp.get("variants") or {}
+    for label, v in variants.items():
+        if not isinstance(v, dict) or "method" not in v or set(v) - {"method", "config"}:
+            raise ConfigError(f"variant {label!r}: expected {{method: <name>, config: {{...}}}}, got {v!r}")
     for name in m:
-        METHODS.get(name)  # unknown names fail here, with the closest match
+        if name not in variants:
+            try:
+                METHODS.get(name)  # unknown names fail here, with the closest match
+            except UnknownNameError:
+                raise UnknownNameError("method", name, list(METHODS.names()) + list(variants)) from None
     for name in d:
         DATASETS.get(name)
     root = data_root or exp.get("data_root")
@@ -95,5 +124,10 @@ def build_grid(exp: Dict[str, Any], methods: Optional[List[str]] = None,
             for seed in s:
                 for name in m:
                     extra = cli + ([f"device={device}"] if device else [])
-                    grid.runs.append(resolve(METHODS.get(name), ds, shot, seed, ds_exp, extra))
+                    v = variants.get(name)
+                    if v:
+                        grid.runs.append(resolve(METHODS.get(v["method"]), ds, shot, seed, ds_exp, extra,
+                                                 label=name, variant_config=v.get("config")))
+                    else:
+                        grid.runs.append(resolve(METHODS.get(name), ds, shot, seed, ds_exp, extra))
     return grid

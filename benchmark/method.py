@@ -116,6 +116,11 @@ class Method(nn.Module):
     def predict_features(self, features: Tensor) -> Prediction:
         raise NotImplementedError
 
+    def patch_selection(self, images: Tensor) -> Dict[str, Tensor]:
+        """Optional: boolean masks ``[B, P]`` of the image patches the method selects, by name; the
+        engine saves them for a few test images and the report draws them over the images."""
+        return {}
+
     def param_groups(self) -> List[Dict[str, Any]]:
         """Optimizer parameter groups (default: every trainable parameter in one group)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]

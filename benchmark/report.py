@@ -37,7 +37,7 @@ def collect(result_paths: Iterable[Path]) -> pd.DataFrame:
         for metric, value in r["metrics"].items():
             if metric == "open_threshold":
                 continue
-            rows.append({"method": r["method"], "dataset": r["dataset"], "shots": r["shots"],
+            rows.append({"method": r.get("label") or r["method"], "dataset": r["dataset"], "shots": r["shots"],
                          "seed": r["seed"], "metric": metric, "value": value,
                          "known_score": r.get("known_score"), "config_hash": r["config_hash"],
                          "cell_hash": r.get("cell_hash", ""), "split_hash": r["split_hash"],
@@ -173,6 +173,55 @@ def write_figures(df: pd.DataFrame, out_dir: Path, methods, datasets, shots) -> 
         ax.legend(fontsize=7, ncol=min(4, len(hue)))
         fig.tight_layout()
         path = out_dir / f"{metric}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def write_patch_figures(run_dirs: Iterable[Path], out_dir: Path) -> List[Path]:
+    """Figure-5-style overlays: for each (method, dataset), the first run that saved a patch
+    selection gets a grid of test images with the selected patches highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen, written = set(), []
+    for d in run_dirs:
+        p = Path(d) / "patches.npz"
+        if not p.exists():
+            continue
+        method, dataset = Path(d).parent.name, Path(d).parent.parent.name
+        if (method, dataset) in seen:
+            continue
+        seen.add((method, dataset))
+        z = np.load(p)
+        masks = [k for k in z.files if k.startswith("mask_")]
+        imgs, (gh, gw) = z["images"], z["grid"]
+        n = len(imgs)
+        fig, axes = plt.subplots(1 + len(masks), n, figsize=(1.6 * n, 1.7 * (1 + len(masks))), squeeze=False)
+        for j in range(n):
+            axes[0, j].imshow(imgs[j])
+            axes[0, j].set_title(str(z["labels"][j])[:28], fontsize=6)
+            for r, key in enumerate(masks, start=1):
+                m = z[key][j].reshape(gh, gw).astype(float)
+                h, w = imgs[j].shape[:2]
+                up = np.kron(m, np.ones((h // gh, w // gw)))
+                shown = imgs[j].astype(float) / 255.0
+                shown = shown * (0.25 + 0.75 * up[..., None])
+                axes[r, j].imshow(shown)
+                if j == 0:
+                    axes[r, j].set_ylabel(key[len("mask_"):], fontsize=7)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(f"{method} on {dataset}: patches kept by the selection (bright)", fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / f"patches_{method}_{dataset}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.png")
         fig.savefig(tmp, dpi=120)
         plt.close(fig)

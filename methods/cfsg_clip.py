@@ -1,0 +1,223 @@
+"""CFSG-CLIP (Li, Huang, Guan, CVPR 2025): CLIP-driven coarse-to-fine semantic guidance for
+fine-grained open-set semi-supervised learning. Equations: SPEC section 6 and the slides.
+
+Coarse branch (semantic filtering module): the image's CLS token z~_c and patch tokens z_ci are
+mapped into the joint space (ln_post, proj); learnable coarse prompts give class text features t_c.
+For the guiding class m, s_ci = sim(z_ci, t_c^m); the top-k patches by s are kept and weighted by a
+softmax of sim(z_ci, z~_c); their weighted sum is the filtered local feature z_c.
+
+Fine branch (visual-semantic injection): a learnable projection proj(z_c) enters the image encoder as
+an extra token, re-inserted at the input of layers 1..D (its outputs discarded) and propagating
+through layers D+1..T. The fine global feature z~_f is the token's final state (default) or the fine
+pass's CLS (``fine_global: cls``, the other reading of the ambiguous equation); the same filtering
+on the fine pass's patches with the fine prompts t_f gives z_f.
+
+Training (dual branch): CE on the four heads p~_c, p_c, p~_f, p_f = softmax(sim(., t)/tau) for
+labeled images; for unlabeled images, hard pseudo-labels from the weak view (no gradient), a FixMatch
+confidence mask F, and CE on the strong view, weighted by lambda_c (coarse heads) and lambda_f (fine
+heads). Inference fuses the four heads (default: mean of the four probability vectors).
+
+Every value the paper does not publish is a config default (SPEC section 6, tagged [default]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmark.method import Method, Prediction, StepOutput
+from benchmark.registry import register_method
+from benchmark.ssl import fixmatch_loss
+
+from ._text_prompts import ContextPrompts
+
+HEADS = ("coarse_global", "coarse_local", "fine_global", "fine_local")
+
+
+@dataclass
+class CFSGConfig:
+    n_ctx: int = 4  # [default] context tokens per prompt set
+    ctx_init: str = "a photo of a"  # [default] initial words of both prompt sets ("" = N(0, 0.02))
+    top_k: int = 20  # [default] k patches kept by the semantic filtering module
+    depth: int = 9  # [default] D: layers that re-insert the injected token
+    tau: float = 0.01  # [default] temperature of the four heads (logits = cos / tau)
+    threshold: float = 0.95  # [default] FixMatch confidence threshold of the mask F
+    lambda_c: float = 1.0  # [default] weight of the coarse unlabeled terms
+    lambda_f: float = 1.0  # [default] weight of the fine unlabeled terms
+    # which feature is the fine global feature z~_f: "token" (the injected token's final state,
+    # our default reading) or "cls" (the fine pass's CLS token)
+    fine_global: str = "token"
+    # the mask F of each unlabeled term: "per_head" (each head's own weak confidence) [default]
+    # or "coarse_global" (one mask from the coarse global head for all four terms)
+    mask_source: str = "per_head"
+    # softmax temperature of the patch weights w_ci = softmax(sim(z_ci, z~_c) / T); the paper's
+    # equation has T = 1
+    weight_temperature: float = 1.0
+    # inference fusion: "mean_prob" (mean of the four probability vectors) [default] or one head
+    fusion: str = "mean_prob"
+    # ablation switches
+    fine_branch: bool = True  # False: coarse branch only
+    filtering: bool = True  # False: no filtering, CLS features only (the local heads are dropped)
+
+
+@register_method("cfsg_clip")
+class CFSGCLIP(Method):
+    """CFSG-CLIP: coarse-to-fine semantic guidance with semi-supervised training (CVPR 2025)."""
+
+    Config = CFSGConfig
+    uses_unlabeled = True
+    labeled_views = ("weak",)
+    unlabeled_views = ("weak", "strong")
+
+    def __init__(self, cfg: CFSGConfig, backbone, ctx):
+        super().__init__(cfg, backbone, ctx)
+        if cfg.fine_global not in ("token", "cls"):
+            raise ValueError(f"cfsg_clip.fine_global must be 'token' or 'cls', got {cfg.fine_global!r}")
+        if cfg.mask_source not in ("per_head", "coarse_global"):
+            raise ValueError(f"cfsg_clip.mask_source must be per_head or coarse_global, got {cfg.mask_source!r}")
+        if cfg.fusion != "mean_prob" and cfg.fusion not in HEADS:
+            raise ValueError(f"cfsg_clip.fusion must be mean_prob or one of {HEADS}, got {cfg.fusion!r}")
+        if not 1 <= cfg.depth <= backbone.vision_layers:
+            raise ValueError(f"cfsg_clip.depth={cfg.depth} must lie in [1, {backbone.vision_layers}] "
+                             f"(the image tower has {backbone.vision_layers} layers)")
+        if cfg.filtering and not 1 <= cfg.top_k <= backbone.num_patches:
+            raise ValueError(f"cfsg_clip.top_k={cfg.top_k} must lie in [1, {backbone.num_patches}]")
+        self.coarse_prompts = ContextPrompts(backbone, ctx.classnames, cfg.n_ctx, cfg.ctx_init)
+        if cfg.fine_branch:
+            self.fine_prompts = ContextPrompts(backbone, ctx.classnames, cfg.n_ctx, cfg.ctx_init)
+            # proj: joint space -> image-encoder width (nn.Linear's default initialisation [default])
+            self.inject = nn.Linear(backbone.embed_dim, backbone.vision_width)
+        # the SSL term needs unlabeled batches only when it is on (an instance override of the flag)
+        self.uses_unlabeled = cfg.lambda_c > 0 or cfg.lambda_f > 0
+        self.heads = tuple(h for h in HEADS if (cfg.fine_branch or not h.startswith("fine"))
+                           and (cfg.filtering or not h.endswith("local")))
+        if cfg.fusion != "mean_prob" and cfg.fusion not in self.heads:
+            raise ValueError(f"cfsg_clip.fusion={cfg.fusion!r} is switched off by the ablation flags")
+        self._eval_text: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+
+    # -- pieces -------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        self._eval_text = None  # prompts change in training: recompute text features afterwards
+        return super().train(mode)
+
+    def text_features(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self.training and self._eval_text is not None:
+            return self._eval_text
+        t_c = F.normalize(self.coarse_prompts(), dim=-1)
+        t_f = F.normalize(self.fine_prompts(), dim=-1) if self.cfg.fine_branch else None
+        if not self.training:
+            self._eval_text = (t_c, t_f)
+        return t_c, t_f
+
+    @staticmethod
+    def semantic_filter(cls_feat: torch.Tensor, patches: torch.Tensor, text: torch.Tensor,
+                        guide: torch.Tensor, k: int, weight_temperature: float = 1.0):
+        """The semantic filtering module.
+
+        cls_feat [B, E], patches [B, P, E], text [K, E] (normalised), guide [B] class indices.
+        Returns (z [B, E] the weighted sum of the kept patches, idx [B, k] the kept patches,
+        w [B, k] their weights)."""
+        pn = F.normalize(patches, dim=-1)
+        s = torch.einsum("bpe,be->bp", pn, text[guide])  # s_ci = sim(z_ci, t^m)
+        idx = s.topk(k, dim=1).indices  # rank(s_ci) <= k
+        kept = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        sim_cls = torch.einsum("bke,be->bk", F.normalize(kept, dim=-1), F.normalize(cls_feat, dim=-1))
+        w = (sim_cls / weight_temperature).softmax(dim=1)
+        return (w.unsqueeze(-1) * kept).sum(1), idx, w
+
+    def _logits(self, feat: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(feat, dim=-1) @ text.t() / self.cfg.tau
+
+    def forward_heads(self, images: torch.Tensor, guide: Optional[torch.Tensor] = None,
+                      keep_selection: bool = False) -> Dict[str, torch.Tensor]:
+        """Logits of every active head. ``guide``: the guiding class per image (labels for labeled
+        images); None = the coarse global prediction (unlabeled and test images)."""
+        cfg = self.cfg
+        t_c, t_f = self.text_features()
+        bb = self.backbone
+        out: Dict[str, torch.Tensor] = {}
+        coarse = bb.encode_image(images, return_patches=cfg.filtering)
+        out["coarse_global"] = self._logits(coarse.pooled, t_c)
+        if guide is None:
+            guide = out["coarse_global"].argmax(-1)
+        if cfg.filtering:
+            z_c, idx, _ = self.semantic_filter(coarse.pooled, coarse.patches, t_c, guide, cfg.top_k,
+                                               cfg.weight_temperature)
+            out["coarse_local"] = self._logits(z_c, t_c)
+            if keep_selection:
+                out["selected_coarse"] = idx
+        else:
+            z_c = coarse.pooled  # ablation "no filtering": the CLS feature is what gets injected
+        if cfg.fine_branch:
+            tok = self.inject(z_c.to(self.inject.weight.dtype)).unsqueeze(1)  # [B, 1, width]
+            deep = [None] + [tok] * (cfg.depth - 1)  # re-inserted at layers 1..D, free after D
+            fine = bb.encode_image(images, prompts=tok, deep_prompts=deep,
+                                   return_patches=cfg.filtering, return_prompts=cfg.fine_global == "token")
+            zf_global = fine.prompts[:, 0] if cfg.fine_global == "token" else fine.pooled
+            out["fine_global"] = self._logits(zf_global, t_f)
+            if cfg.filtering:
+                z_f, idx_f, _ = self.semantic_filter(fine.pooled, fine.patches, t_f, guide, cfg.top_k,
+                                                     cfg.weight_temperature)
+                out["fine_local"] = self._logits(z_f, t_f)
+                if keep_selection:
+                    out["selected_fine"] = idx_f
+        return out
+
+    # -- training -----------------------------------------------------------------------------
+    def training_step(self, batch, state) -> StepOutput:
+        cfg = self.cfg
+        heads = self.forward_heads(batch.x["weak"], guide=batch.y)
+        sup = {h: F.cross_entropy(heads[h], batch.y) for h in self.heads}
+        loss = sum(sup.values())
+        logs = {f"ce_{h}": float(v.detach()) for h, v in sup.items()}
+        if self.uses_unlabeled and batch.u is not None:
+            with torch.no_grad():
+                weak = self.forward_heads(batch.u["weak"])
+            strong = self.forward_heads(batch.u["strong"])
+            shared_mask = None
+            if cfg.mask_source == "coarse_global":
+                shared_mask = (weak["coarse_global"].float().softmax(-1).max(-1).values >= cfg.threshold)
+            for h in self.heads:
+                lam = cfg.lambda_c if h.startswith("coarse") else cfg.lambda_f
+                if lam == 0:
+                    continue
+                lu, mask = fixmatch_loss(weak[h].float(), strong[h].float(), cfg.threshold)
+                if shared_mask is not None:
+                    pseudo = weak[h].argmax(-1)
+                    mask = shared_mask.float()
+                    lu = (F.cross_entropy(strong[h].float(), pseudo, reduction="none") * mask).mean()
+                loss = loss + lam * lu
+                logs[f"u_{h}"] = float(lu.detach())
+                logs[f"mask_{h}"] = float(mask.mean())
+        return StepOutput(loss=loss, logs=logs)
+
+    # -- inference ----------------------------------------------------------------------------
+    def fuse(self, heads: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fused class probabilities [B, K]."""
+        if self.cfg.fusion == "mean_prob":
+            return torch.stack([heads[h].float().softmax(-1) for h in self.heads]).mean(0)
+        return heads[self.cfg.fusion].float().softmax(-1)
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        heads = self.forward_heads(images)
+        prob = self.fuse(heads)
+        scores = {"msp": prob.max(-1).values}
+        # MCM of the coarse global head: max softmax of the cosines at temperature 1
+        scores["mcm_coarse"] = (heads["coarse_global"].float() * self.cfg.tau).softmax(-1).max(-1).values
+        return Prediction(logits=prob.clamp_min(1e-12).log(), scores=scores)
+
+    def patch_selection(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Boolean masks [B, P] of the patches the filtering module keeps (for the Figure-5 plot)."""
+        if not self.cfg.filtering:
+            return {}
+        heads = self.forward_heads(images, keep_selection=True)
+        out = {}
+        for name in ("selected_coarse", "selected_fine"):
+            if name in heads:
+                m = torch.zeros(images.shape[0], self.backbone.num_patches, dtype=torch.bool,
+                                device=images.device)
+                out[name.replace("selected_", "")] = m.scatter(1, heads[name], True)
+        return out

@@ -1,0 +1,150 @@
+"""CFSG-CLIP: equation-level checks on hand-made inputs and on the micro CLIP."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.engine import Engine, run_dir
+from benchmark.method import Batch, MethodContext, StepState
+from benchmark.registry import METHODS
+from benchmark.ssl import fixmatch_loss
+from conftest import toy_cfg
+
+CFSG = METHODS.get("cfsg_clip")
+SMALL = ["params.top_k=4", "params.depth=2", "ssl.unlabeled_batch_size=8"]
+
+
+def make(micro_backbone, **params):
+    cfg = CFSG.Config(**{"top_k": 4, "depth": 2, **params})
+    ctx = MethodContext(classnames=["thing a", "thing b", "thing c"], template="a photo of a {}.",
+                        dataset="toy", shots=2, seed=1)
+    torch.manual_seed(0)
+    return CFSG(cfg, micro_backbone, ctx)
+
+
+def test_semantic_filter_hand_made_tokens():
+    # 2-d joint space; text of class 0 points along x, class 1 along y
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    patches = torch.tensor([[[3.0, 0.1], [0.0, 2.0], [1.0, 1.0], [2.0, -0.2]]])  # [1, 4, 2]
+    cls = torch.tensor([[1.0, 1.0]])
+    z, idx, w = CFSG.semantic_filter(cls, patches, text, torch.tensor([0]), k=2)
+    # similarity to class 0 (cosine): p0 ~0.9994, p3 ~0.995, p2 0.707, p1 0 -> keep p0 and p3
+    assert sorted(idx[0].tolist()) == [0, 3]
+    c0 = F.cosine_similarity(patches[0, 0], cls[0], dim=0)
+    c3 = F.cosine_similarity(patches[0, 3], cls[0], dim=0)
+    e0, e3 = math.exp(c0), math.exp(c3)
+    w_by_patch = dict(zip(idx[0].tolist(), w[0].tolist()))
+    assert w_by_patch[0] == pytest.approx(e0 / (e0 + e3)) and w_by_patch[3] == pytest.approx(e3 / (e0 + e3))
+    expected = w_by_patch[0] * patches[0, 0] + w_by_patch[3] * patches[0, 3]
+    torch.testing.assert_close(z[0], expected)
+    # guided by class 1, the patches pointing along y are kept instead
+    _, idx1, _ = CFSG.semantic_filter(cls, patches, text, torch.tensor([1]), k=2)
+    assert sorted(idx1[0].tolist()) == [1, 2]
+
+
+def test_injected_token_is_reinserted_in_layers_1_to_D_and_is_the_only_new_token(micro_backbone):
+    m = make(micro_backbone, depth=2).eval()
+    blocks = micro_backbone.model.visual.transformer.resblocks
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda mod, args, j=j: seen.append((j, args[0].detach().clone())))
+             for j, b in enumerate(blocks)]
+    images = torch.randn(2, 3, 32, 32)
+    try:
+        with torch.no_grad():
+            heads = m.forward_heads(images)
+            t_c, _ = m.text_features()
+            coarse = micro_backbone.encode_image(images, return_patches=True)
+            z_c, _, _ = m.semantic_filter(coarse.pooled, coarse.patches, t_c,
+                                          heads["coarse_global"].argmax(-1), 4)
+            tok = m.inject(z_c)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_layers = len(blocks)
+    coarse_pass, fine_pass = seen[:n_layers], seen[n_layers:2 * n_layers]
+    P = micro_backbone.num_patches
+    assert all(x.shape[1] == P + 1 for _, x in coarse_pass)  # the coarse pass has no extra token
+    assert all(x.shape[1] == P + 2 for _, x in fine_pass)  # the fine pass: exactly one more token
+    for j, x in fine_pass:
+        if 1 <= j < 2:  # block inputs 1..D-1 (layers 2..D): the raw projected token again
+            torch.testing.assert_close(x[:, -1], tok)
+        elif j >= 2:  # after D the token propagates: no longer the re-inserted value
+            assert not torch.allclose(x[:, -1], tok)
+
+
+def test_only_prompts_and_projection_train_and_clip_stays_identical(tmp_path):
+    eng = Engine(tmp_path)
+    cfg = toy_cfg("cfsg_clip", shots=4, sets=SMALL + ["train.epochs=2", "train.lr=0.01"])
+    bb = eng.backbone(cfg.backbone, torch.device("cpu"))
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    eng.run(cfg)
+    assert all(torch.equal(before[k], v) for k, v in bb.state_dict().items())
+    learned = torch.load(run_dir(tmp_path, cfg) / "learned.pt")
+    assert sorted(learned) == ["coarse_prompts.ctx", "fine_prompts.ctx", "inject.bias", "inject.weight"]
+    # and they did change from their initialisation
+    m = CFSG(cfg.params, bb, MethodContext(["thing a", "thing b", "thing c"], "a photo of a {}.", "toy", 4, 1))
+    assert not torch.equal(m.coarse_prompts.ctx, learned["coarse_prompts.ctx"])
+    assert (run_dir(tmp_path, cfg) / "patches.npz").exists()
+
+
+def test_gradients_reach_only_the_method_parameters(micro_backbone):
+    m = make(micro_backbone).train()
+    batch = Batch(x={"weak": torch.randn(4, 3, 32, 32)}, y=torch.tensor([0, 1, 2, 0]),
+                  u={"weak": torch.randn(4, 3, 32, 32), "strong": torch.randn(4, 3, 32, 32)})
+    out = m.training_step(batch, StepState(0, 1, 0, 1))
+    out.loss.backward()
+    with_grad = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert with_grad == {"coarse_prompts.ctx", "fine_prompts.ctx", "inject.weight", "inject.bias"}
+    assert all(p.grad is None for p in micro_backbone.parameters())
+
+
+def test_mask_removes_pseudo_labels_below_threshold():
+    weak = torch.log(torch.tensor([[0.97, 0.02, 0.01], [0.5, 0.4, 0.1], [0.01, 0.96, 0.03]]))
+    strong = torch.tensor([[0.0, 2.0, 0.0], [5.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    loss, mask = fixmatch_loss(weak, strong, 0.95)
+    assert mask.tolist() == [1.0, 0.0, 1.0]
+    ce = F.cross_entropy(strong, torch.tensor([0, 0, 1]), reduction="none")
+    assert loss.item() == pytest.approx(((ce[0] + ce[2]) / 3).item())
+
+
+def test_no_ssl_no_fine_branch_is_a_two_head_coarse_model(micro_backbone):
+    m = make(micro_backbone, lambda_c=0.0, lambda_f=0.0, fine_branch=False).train()
+    assert not m.uses_unlabeled and m.heads == ("coarse_global", "coarse_local")
+    assert not hasattr(m, "inject") and not hasattr(m, "fine_prompts")
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    out = m.training_step(Batch(x={"weak": x}, y=y, u=None), StepState(0, 1, 0, 1))
+    # independent computation of the two coarse heads
+    t = F.normalize(m.coarse_prompts(), dim=-1)
+    enc = micro_backbone.encode_image(x, return_patches=True)
+    g = F.normalize(enc.pooled, dim=-1) @ t.t() / 0.01
+    s = torch.einsum("bpe,be->bp", F.normalize(enc.patches, dim=-1), t[y])
+    idx = s.topk(4, dim=1).indices
+    kept = torch.stack([enc.patches[b, idx[b]] for b in range(4)])
+    w = torch.stack([F.cosine_similarity(kept[b], enc.pooled[b:b + 1], dim=-1) for b in range(4)]).softmax(1)
+    local = (w.unsqueeze(-1) * kept).sum(1)
+    l = F.normalize(local, dim=-1) @ t.t() / 0.01
+    expected = F.cross_entropy(g, y) + F.cross_entropy(l, y)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_ablation_without_ssl_never_reads_unlabeled_images(tmp_path):
+    sets = SMALL + ["train.epochs=1", "params.lambda_c=0", "params.lambda_f=0"]
+    a = Engine(tmp_path / "a").run(toy_cfg("cfsg_clip", shots=2, sets=sets))
+    b = Engine(tmp_path / "b").run(toy_cfg("cfsg_clip", shots=2, sets=sets + ["ssl.threshold=0.1"]))
+    assert a["metrics"] == b["metrics"]
+
+
+def test_fusion_and_readings_are_switches(micro_backbone):
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        m = make(micro_backbone).eval()
+        heads = m.forward_heads(images)
+        pred = m.predict(images)
+        mean = torch.stack([heads[h].softmax(-1) for h in m.heads]).mean(0)
+        torch.testing.assert_close(pred.logits.exp(), mean)
+        assert set(heads) >= {"coarse_global", "coarse_local", "fine_global", "fine_local"}
+        cls_reading = make(micro_backbone, fine_global="cls").eval().forward_heads(images)
+        assert not torch.allclose(cls_reading["fine_global"], heads["fine_global"])
+    with pytest.raises(ValueError, match="fine_global"):
+        make(micro_backbone, fine_global="both")
