@@ -359,7 +359,7 @@ class Engine:
                         ls = method.predict(batch.u["strong"]).logits
                         lu, mask = fixmatch_loss(lw.float(), ls.float(), sc.threshold)
                         loss = loss + sc.weight * lu
-                        logs.update(loss_u=float(lu), mask_rate=float(mask.mean()))
+                        logs.update(loss_u=float(lu.detach()), mask_rate=float(mask.mean()))
                 if not torch.isfinite(loss):
                     raise BenchmarkError(f"non-finite loss {float(loss)} at step {step}; lower train.lr")
                 opt.zero_grad(set_to_none=True)

@@ -171,13 +171,7 @@ def write_figures(df: pd.DataFrame, out_dir: Path, methods, datasets, shots) -> 
         ax.set_ylabel(f"{metric} (%)")
         ax.set_title(dict((m, t) for m, t in TABLES.values()).get(metric, metric))
         ax.legend(fontsize=7, ncol=min(4, len(hue)))
-        fig.tight_layout()
-        path = out_dir / f"{metric}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(path)
-        written.append(path)
+        written.append(_save_figure(fig, out_dir / f"{metric}.png"))
     return written
 
 
@@ -219,12 +213,18 @@ def write_patch_figures(run_dirs: Iterable[Path], out_dir: Path) -> List[Path]:
             ax.set_xticks([])
             ax.set_yticks([])
         fig.suptitle(f"{method} on {dataset}: patches kept by the selection (bright)", fontsize=8)
-        fig.tight_layout()
-        path = Path(out_dir) / f"patches_{method}_{dataset}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(path)
-        written.append(path)
+        written.append(_save_figure(fig, Path(out_dir) / f"patches_{method}_{dataset}.png"))
     return written
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """tight_layout, then write the PNG atomically (a reader never sees half a file)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
