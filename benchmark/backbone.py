@@ -88,11 +88,11 @@ class CLIPBackbone(nn.Module):
     def load(cls, cfg: BackboneConfig, device: str | torch.device = "cpu") -> "CLIPBackbone":
         import open_clip
 
+        from .tinyclip import register_tiny_clip, tiny_clip_checkpoint
+
+        register_tiny_clip()  # the suite's own model config is always known to open_clip
         pretrained = cfg.pretrained
         if pretrained == "embedded":
-            from .embedded import register_tiny_clip, tiny_clip_checkpoint
-
-            register_tiny_clip()
             path = tiny_clip_checkpoint()
             pretrained, identity = str(path), f"{cfg.model}@sha256:{_sha256_file(path)}"
         elif pretrained and Path(os.path.expanduser(pretrained)).exists():

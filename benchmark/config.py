@@ -7,7 +7,8 @@ its ``Config`` dataclass under ``params``. Values are merged in this order, late
 2. the method's YAML ``configs/methods/<method>.yaml`` (keys ``params``, ``train``, ``ssl``,
    ``eval``, ``data``) and its ``by_dataset: {<dataset>: {...}}`` and ``by_shots: {<k>: {...}}``
    sections;
-3. the experiment YAML's ``config:`` (every method) and ``methods_config: {<method>: {...}}``;
+3. the experiment YAML's ``config:`` (every method) and ``methods_config: {<method>: {...}}``
+   (which may have its own ``by_dataset``/``by_shots`` sections);
 4. command-line ``--set key=value`` (``train.epochs=5``, or scoped to one method:
    ``coop.params.n_ctx=4``), which always wins.
 
@@ -305,9 +306,16 @@ def resolve(method_cls, dataset: str, shots: int, seed: int,
         layers.append(("experiment backbone", {"backbone": exp["backbone"]}))
     if exp.get("config"):
         layers.append(("experiment config", exp["config"]))
-    mc = (exp.get("methods_config") or {}).get(method)
+    mc = copy.deepcopy((exp.get("methods_config") or {}).get(method) or {})
     if mc:
+        mc_by_dataset = mc.pop("by_dataset", {}) or {}
+        mc_by_shots = mc.pop("by_shots", {}) or {}
         layers.append((f"experiment methods_config.{method}", mc))
+        if dataset in mc_by_dataset:
+            layers.append((f"experiment methods_config.{method}.by_dataset.{dataset}", mc_by_dataset[dataset]))
+        for k, v in mc_by_shots.items():
+            if int(k) == int(shots):
+                layers.append((f"experiment methods_config.{method}.by_shots.{k}", v))
     if variant_config:
         layers.append((f"experiment variants.{label}", variant_config))
     # 4. command line

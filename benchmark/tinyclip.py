@@ -1,0 +1,118 @@
+"""The suite's own tiny CLIP: an open_clip ViT CLIP (12 + 12 layers, width 64, 48-px images, 8-px
+patches, the real CLIP tokenizer) pretrained by ``scripts/pretrain_tinyclip.py`` on the embedded
+synthetic world and committed under ``assets/tinyclip/``. Loaded through open_clip's
+local-checkpoint path; the file is checked against its recorded SHA-256 first."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from . import ROOT
+from .errors import BenchmarkError
+
+TINY_CLIP_NAME = "ossl-tiny-vit"
+ASSETS = ROOT / "assets" / "tinyclip"
+CONFIG = ASSETS / f"{TINY_CLIP_NAME}.json"
+CHECKPOINT = ASSETS / f"{TINY_CLIP_NAME}.pt"
+RECORD = ASSETS / "checkpoint.json"
+REGENERATE = "python scripts/pretrain_tinyclip.py"
+
+
+def register_tiny_clip() -> None:
+    """Register the model config with open_clip (idempotent)."""
+    import open_clip
+
+    if TINY_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(str(CONFIG))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tiny_clip_checkpoint(path: Optional[Path] = None) -> Path:
+    """The committed checkpoint, verified against the SHA-256 recorded in checkpoint.json."""
+    path = Path(path) if path is not None else CHECKPOINT
+    if not path.exists() or not RECORD.exists():
+        raise BenchmarkError(f"the tiny CLIP checkpoint {path} (or its record {RECORD}) is missing. "
+                             f"Regenerate it with `{REGENERATE}` (about 15 minutes on 2 CPU cores), "
+                             f"or restore it with `git checkout -- assets/tinyclip`.")
+    expected = json.loads(RECORD.read_text())["sha256"]
+    actual = file_sha256(path)
+    if actual != expected:
+        raise BenchmarkError(f"the tiny CLIP checkpoint {path} is corrupted or was changed: SHA-256 "
+                             f"{actual[:16]}… but {RECORD} records {expected[:16]}…. Restore it with "
+                             f"`git checkout -- assets/tinyclip` or regenerate it with `{REGENERATE}`.")
+    return path
+
+
+BANDS = {"zs_acc": (25.0, 75.0), "zs_auroc": (55.0, 85.0), "probe_gain": (5.0, float("inf"))}
+EMBEDDED_DATASETS = ("synth_dogs", "synth_cars", "synth_cub", "synth_aircraft")
+
+
+def calibrate(datasets=EMBEDDED_DATASETS, shots: int = 20, seed: int = 1, checkpoint: Optional[Path] = None) -> dict:
+    """Per dataset: zero-shot ID accuracy, zero-shot ID-vs-OOD AUROC (max softmax) and the accuracy
+    of a ``shots``-shot logistic-regression probe on frozen image features, all in percent."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.linear_model import LogisticRegression
+
+    from .backbone import BackboneConfig, CLIPBackbone
+    from .config import DataConfig
+    from .loader import build_transforms, eval_loader
+    from .metrics import auroc
+    from .protocol import build_manifest, num_known
+    from .registry import DATASETS
+
+    bb = CLIPBackbone.load(BackboneConfig(pretrained=str(checkpoint) if checkpoint else "embedded"))
+    tf = build_transforms(bb.preprocess_cfg, DataConfig())["test"]
+
+    def encode(split, idx):
+        with torch.no_grad():
+            return torch.cat([F.normalize(bb.encode_image(b["test"]).pooled, dim=-1)
+                              for b in eval_loader(split, idx, tf, 256)])
+
+    out = {}
+    for name in datasets:
+        plugin = DATASETS.get(name)()
+        names = plugin.classnames()
+        K = num_known(len(names))
+        train, test = plugin.load("train"), plugin.load("test")
+        ft = encode(test, np.arange(len(test)))
+        with torch.no_grad():
+            text = F.normalize(bb.encode_text(bb.tokenize([plugin.template.format(c) for c in names[:K]])), dim=-1)
+        logits = (bb.logit_scale * ft @ text.t()).numpy()
+        y = test.labels
+        idm = y < K
+        zs_acc = float((logits[idm].argmax(1) == y[idm]).mean()) * 100
+        msp = torch.from_numpy(logits).softmax(-1).max(-1).values.numpy()
+        zs_auroc = auroc(msp, np.minimum(y, K), K) * 100
+        man = build_manifest(name, names, train, test, shots, seed)
+        pos = {sid: i for i, sid in enumerate(train.ids)}
+        lab_idx = np.array([pos[s] for s, _ in man["labeled"]])
+        fl = encode(train, lab_idx).numpy()
+        clf = LogisticRegression(C=10.0, max_iter=2000).fit(fl, train.labels[lab_idx])
+        probe = float((clf.predict(ft.numpy()[idm]) == y[idm]).mean()) * 100
+        out[name] = {"zs_acc": round(zs_acc, 2), "zs_auroc": round(zs_auroc, 2),
+                     "probe_acc": round(probe, 2), "probe_gain": round(probe - zs_acc, 2), "K": K}
+    return out
+
+
+def in_bands(row: dict) -> bool:
+    return all(lo <= row[k] <= hi for k, (lo, hi) in BANDS.items())
+
+
+def format_calibration(cal: dict) -> str:
+    lines = [f"{'dataset':<16}{'zero-shot acc':>14}{'ZS AUROC':>10}{'20-shot probe':>15}{'gain':>7}  in bands",
+             f"{'(target)':<16}{'25-75':>14}{'55-85':>10}{'':>15}{'>= 5':>7}"]
+    for name, r in cal.items():
+        lines.append(f"{name:<16}{r['zs_acc']:>14.2f}{r['zs_auroc']:>10.2f}{r['probe_acc']:>15.2f}"
+                     f"{r['probe_gain']:>7.2f}  {'yes' if in_bands(r) else 'NO'}")
+    return "\n".join(lines)

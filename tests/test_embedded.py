@@ -1,0 +1,80 @@
+"""The embedded world: deterministic generator, hard-unknown structure, the tiny CLIP checkpoint."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from benchmark import ROOT
+from benchmark.errors import BenchmarkError
+from benchmark.registry import DATASETS
+
+sys.path.insert(0, str(ROOT / "datasets"))
+import _world as W  # noqa: E402
+
+NAMES = ["synth_dogs", "synth_cars", "synth_cub", "synth_aircraft"]
+
+
+def test_render_is_deterministic():
+    a = W.render("birds", (1, 2, 3), np.random.default_rng(5))
+    b = W.render("birds", (1, 2, 3), np.random.default_rng(5))
+    c = W.render("birds", (1, 2, 3), np.random.default_rng(6))
+    assert a.shape == (W.SIZE, W.SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_datasets_sizes_names_and_hard_unknowns(name):
+    ds = DATASETS.get(name)()
+    names = ds.classnames()
+    assert len(names) == 24 and len(set(names)) == 24
+    assert "{}" in ds.template and not ds.needs_root
+    classes = W.benchmark_classes(ds.family)
+    for j in range(12):
+        diff = [k for k in range(3) if classes[j][k] != classes[12 + j][k]]
+        assert len(diff) == 1 and diff[0] in (1, 2)  # the twin differs in one LOCAL attribute
+    pre = set(W.pretraining_combos(ds.family))
+    assert not pre & set(classes)  # no benchmark class is seen in pretraining ...
+    for k in range(3):  # ... but every attribute value (word) is
+        assert {c[k] for c in pre} == {0, 1, 2, 3}
+
+
+def test_dataset_arrays_are_deterministic_and_balanced():
+    W.dataset_arrays.cache_clear()
+    imgs, labels = W.dataset_arrays("cars", "test", 15)
+    W.dataset_arrays.cache_clear()
+    imgs2, labels2 = W.dataset_arrays("cars", "test", 15)
+    assert np.array_equal(imgs, imgs2) and np.array_equal(labels, labels2)
+    assert np.bincount(labels).tolist() == [15] * 24
+    train, _ = W.dataset_arrays("cars", "train", 30)
+    assert not np.array_equal(train[:15], imgs[:15])
+
+
+def test_checkpoint_is_verified(tmp_path):
+    from benchmark.tinyclip import CHECKPOINT, RECORD, file_sha256, tiny_clip_checkpoint
+
+    assert tiny_clip_checkpoint() == CHECKPOINT
+    assert file_sha256(CHECKPOINT) == json.loads(RECORD.read_text())["sha256"]
+    bad = tmp_path / "corrupt.pt"
+    data = bytearray(CHECKPOINT.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BenchmarkError, match="pretrain_tinyclip.py"):
+        tiny_clip_checkpoint(bad)
+    with pytest.raises(BenchmarkError, match="missing"):
+        tiny_clip_checkpoint(tmp_path / "absent.pt")
+
+
+def test_unknown_synthetic_dataset_lists_the_known_ones():
+    from benchmark.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="synth_cub"):
+        DATASETS.get("synth_bird")
+
+
+def test_calibration_bands_loosely():
+    from benchmark.tinyclip import calibrate
+
+    r = calibrate(datasets=("synth_cub",))["synth_cub"]
+    assert 15 <= r["zs_acc"] <= 85 and 50 <= r["zs_auroc"] <= 90
+    assert r["probe_acc"] > r["zs_acc"]
