@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
@@ -68,6 +69,80 @@ def _sha256_file(path: Path, _cache: Dict[Tuple[str, int, float], str] = {}) -> 
     return _cache[key]
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (OpenAI's released ``.pt`` files) rather than a pickled state dict."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host``:443 opens within ``timeout`` seconds (name lookup
+    included), so that an offline machine fails at once instead of in the hub's retry loop."""
+    import socket
+    import threading
+
+    ok = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _download_host(tcfg: dict) -> Optional[str]:
+    from open_clip.pretrained import has_hf_hub
+
+    if tcfg.get("hf_hub") and has_hf_hub():
+        from huggingface_hub import constants
+
+        return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    return urlparse(tcfg["url"]).hostname if tcfg.get("url") else None
+
+
+def _cached_tag_file(tcfg: dict, cache_dir: Optional[str], looked: List[str]) -> Optional[str]:
+    """The weights of an open_clip pretrained tag if already on disk, where open_clip would put
+    them: the Hugging Face cache (safetensors first, as open_clip prefers) or its URL cache."""
+    if tcfg.get("file"):
+        looked.append(tcfg["file"])
+        return tcfg["file"] if os.path.isfile(tcfg["file"]) else None
+    if tcfg.get("hf_hub"):
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, fname = os.path.split(tcfg["hf_hub"])
+        fname = fname or "open_clip_pytorch_model.bin"
+        names = ([fname[:-4] + ".safetensors"] if fname.endswith((".bin", ".pth")) else []) + [fname]
+        if fname == "open_clip_pytorch_model.bin":
+            names = ["open_clip_model.safetensors", fname]
+        for n in names:
+            hit = try_to_load_from_cache(repo, n, cache_dir=cache_dir)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit
+        looked.append(f"Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} (repo {repo}, "
+                      f"{' or '.join(names)})")
+    if tcfg.get("url"):
+        folder = cache_dir or os.path.expanduser("~/.cache/clip")
+        cand = os.path.join(folder, os.path.basename(tcfg["url"]))
+        looked.append(cand)
+        if os.path.isfile(cand):
+            return cand
+    return None
+
 class CLIPBackbone(nn.Module):
     """Frozen-by-default wrapper around an open_clip ``CLIP`` model with a ViT image tower."""
 
@@ -86,44 +161,170 @@ class CLIPBackbone(nn.Module):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, cfg: BackboneConfig, device: str | torch.device = "cpu") -> "CLIPBackbone":
+        """Build the backbone from ``cfg.model`` (an open_clip model name, ``hf-hub:org/repo`` or
+        ``local-dir:/path``) and ``cfg.pretrained``:
+
+        * ``embedded``: the suite's tiny CLIP (SHA-256 checked);
+        * a checkpoint file (state dict ``.pt/.pth/.bin/.safetensors``, or an OpenAI TorchScript
+          ``.pt`` archive, loaded with QuickGELU as OpenAI trained it);
+        * a folder: an open_clip HF-hub-style folder (``open_clip_config.json`` + weights; the
+          config wins over ``cfg.model``), or any folder holding exactly one checkpoint file;
+        * an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``...): taken from the Hugging
+          Face cache (or open_clip's URL cache) when there, downloaded by open_clip when online, and
+          otherwise a fast error saying where we looked and how to provide the weights. QuickGELU
+          follows the tag (OpenAI weights need it; open_clip 3.3 only warns on a mismatch).
+        """
         import open_clip
 
+        from .errors import UnknownNameError
         from .tinyclip import register_tiny_clip, tiny_clip_checkpoint
 
         register_tiny_clip()  # the suite's own model config is always known to open_clip
-        pretrained = cfg.pretrained
+        model_name, pretrained = cfg.model, cfg.pretrained or ""
+        kwargs: Dict[str, object] = {}
         if pretrained == "embedded":
             path = tiny_clip_checkpoint()
             pretrained, identity = str(path), f"{cfg.model}@sha256:{_sha256_file(path)}"
         elif pretrained and Path(os.path.expanduser(pretrained)).exists():
-            path = Path(os.path.expanduser(pretrained))
-            if path.is_dir():
-                raise BenchmarkError(
-                    f"backbone.pretrained={pretrained!r} is a folder; give the checkpoint file inside "
-                    f"it (a .pt/.bin/.safetensors state dict).")
-            pretrained, identity = str(path), f"{cfg.model}@sha256:{_sha256_file(path)}"
+            path = Path(os.path.expanduser(pretrained)).resolve()
+            if path.is_dir() and (path / "open_clip_config.json").is_file():
+                ckpt = cls._checkpoint_in_folder(path, open_clip_folder=True)
+                model_name, pretrained = f"local-dir:{path}", ""
+                identity = (f"local-dir:{_sha256_file(path / 'open_clip_config.json')[:16]}"
+                            f"@sha256:{_sha256_file(ckpt)}")
+            else:
+                if path.is_dir():
+                    path = cls._checkpoint_in_folder(path)
+                if _is_torchscript(path):  # OpenAI's own .pt files: QuickGELU, not a plain state dict
+                    kwargs.update(force_quick_gelu=True, weights_only=False)
+                pretrained, identity = str(path), f"{cfg.model}@sha256:{_sha256_file(path)}"
+        elif model_name.startswith("hf-hub:"):
+            snapshot = cls._hf_hub_snapshot(model_name[len("hf-hub:"):], cfg.cache_dir)
+            if snapshot is not None:
+                model_name = f"local-dir:{snapshot}"
+            identity, pretrained = cfg.model, ""
         else:
-            if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
+            if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
                 raise BenchmarkError(
                     f"backbone.pretrained={pretrained!r} looks like a file path but no file is there. "
-                    f"Give an existing checkpoint file or an open_clip pretrained tag "
+                    f"Give an existing checkpoint file or folder, or an open_clip pretrained tag "
                     f"(open_clip.list_pretrained_tags_by_model({cfg.model!r})).")
             identity = f"{cfg.model}:{pretrained}"
-        if cfg.model not in open_clip.list_models():
-            from .errors import UnknownNameError
+            if pretrained:
+                if cfg.model not in open_clip.list_models():
+                    raise UnknownNameError("open_clip model", cfg.model, open_clip.list_models())
+                pretrained = cls._resolve_tag(cfg, kwargs)
+        if not model_name.startswith(("local-dir:", "hf-hub:")) and model_name not in open_clip.list_models():
+            raise UnknownNameError("open_clip model", model_name, open_clip.list_models())
+        import warnings
 
-            raise UnknownNameError("open_clip model", cfg.model, open_clip.list_models())
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                cfg.model, pretrained=pretrained or None, cache_dir=cfg.cache_dir, device=device)
-        except RuntimeError as exc:
+            with warnings.catch_warnings():  # loading an OpenAI TorchScript file is intended here
+                warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
+                warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated.*")
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=pretrained or None, cache_dir=cfg.cache_dir, device=device, **kwargs)
+        except (RuntimeError, ValueError, FileNotFoundError, KeyError) as exc:
             raise BenchmarkError(
-                f"could not load weights {pretrained!r} for {cfg.model!r}: {exc}. Without internet, "
-                f"give a local checkpoint file as backbone.pretrained.") from exc
-        tokenizer = open_clip.get_tokenizer(cfg.model)
+                f"could not load weights {cfg.pretrained!r} for {cfg.model!r}: {type(exc).__name__}: "
+                f"{exc}. Without internet, give a local checkpoint file or folder as "
+                f"backbone.pretrained.") from exc
+        tokenizer = open_clip.get_tokenizer(model_name)
         pcfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
         pcfg.setdefault("size", model.visual.image_size)
         return cls(model, tokenizer, identity, pcfg)
+
+    CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+    @classmethod
+    def _checkpoint_in_folder(cls, folder: Path, open_clip_folder: bool = False) -> Path:
+        """The single checkpoint file in ``folder`` (for an open_clip folder, the file open_clip
+        itself would pick: its preferred names first)."""
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in cls.CHECKPOINT_SUFFIXES)
+        if open_clip_folder:
+            prefer = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                      "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "model.safetensors",
+                      "pytorch_model.bin", "pytorch_model.pth", "model.pth"]
+            named = [p for n in prefer for p in files if p.name == n]
+            files = named[:1] or [p for p in files if p.suffix in (".safetensors", ".bin", ".pth")]
+        if len(files) == 1:
+            return files[0]
+        what = "an open_clip folder (open_clip_config.json) " if open_clip_folder else ""
+        if not files:
+            raise BenchmarkError(
+                f"backbone.pretrained={str(folder)!r} is {what}a folder without a checkpoint file "
+                f"({', '.join(cls.CHECKPOINT_SUFFIXES)}). Put the weights there or give the file itself.")
+        raise BenchmarkError(
+            f"backbone.pretrained={str(folder)!r} holds {len(files)} checkpoint files "
+            f"({', '.join(p.name for p in files)}); give the one to use as backbone.pretrained.")
+
+    @staticmethod
+    def _resolve_tag(cfg: BackboneConfig, kwargs: Dict[str, object]) -> str:
+        """A pretrained tag: set QuickGELU from the tag, and return a local file when the weights
+        are cached (with the tag's preprocessing), the tag itself when open_clip may download them,
+        or raise at once when they cannot be had (no 40-second hub retry loop offline)."""
+        import open_clip
+        from open_clip.pretrained import get_pretrained_cfg
+
+        tag = cfg.pretrained
+        tcfg = get_pretrained_cfg(cfg.model, tag)
+        if not tcfg:
+            raise BenchmarkError(
+                f"{tag!r} is not an open_clip pretrained tag of {cfg.model!r}; its tags: "
+                f"{', '.join(open_clip.list_pretrained_tags_by_model(cfg.model)) or '(none)'}. "
+                f"A local checkpoint file or folder also works as backbone.pretrained.")
+        model_qg = bool((open_clip.get_model_config(cfg.model) or {}).get("quick_gelu", False))
+        if tcfg.get("quick_gelu", False) and not model_qg:
+            kwargs["force_quick_gelu"] = True  # e.g. ViT-B-16 + openai == ViT-B-16-quickgelu + openai
+        elif model_qg and not tcfg.get("quick_gelu", False):
+            plain = cfg.model.replace("-quickgelu", "")
+            raise BenchmarkError(f"{cfg.model!r} uses QuickGELU but the {tag!r} weights were trained with "
+                                 f"GELU: use backbone.model={plain!r}.")
+        looked: List[str] = []
+        local = _cached_tag_file(tcfg, cfg.cache_dir, looked)
+        if local:
+            for k in ("mean", "std", "interpolation", "resize_mode"):  # what the tag would have set
+                if k in tcfg:
+                    kwargs[f"image_{k}"] = tcfg[k]
+            if _is_torchscript(Path(local)):
+                kwargs["weights_only"] = False
+            return local
+        offline = _hf_offline()
+        host = _download_host(tcfg)
+        if not offline and host and _reachable(host):
+            return tag  # online: open_clip downloads (and caches) the weights
+        reason = ("HF_HUB_OFFLINE is set" if offline else f"{host} cannot be reached")
+        url = tcfg.get("url") or (f"https://huggingface.co/{tcfg['hf_hub'].rstrip('/')}" if tcfg.get("hf_hub") else "")
+        raise BenchmarkError(
+            f"the weights {cfg.model}:{tag} are not on this machine and cannot be downloaded ({reason}). "
+            f"Looked in: {'; '.join(looked)}. To provide them: (a) on a machine with internet run "
+            f"`python -c \"import open_clip; open_clip.create_model({cfg.model!r}, pretrained={tag!r})\"` "
+            f"and copy its Hugging Face cache (~/.cache/huggingface/hub) here (or point HF_HUB_CACHE / "
+            f"backbone.cache_dir at it); or (b) download the checkpoint{f' ({url})' if url else ''} and set "
+            f"backbone.pretrained=/path/to/the/file (an OpenAI .pt file works as it is; a folder holding "
+            f"one checkpoint, or an open_clip folder with open_clip_config.json, works too).")
+
+    @staticmethod
+    def _hf_hub_snapshot(repo: str, cache_dir: Optional[str]) -> Optional[Path]:
+        """The cached snapshot folder of an ``hf-hub:`` model (config and weights present), None
+        when open_clip may download it, or a fast error when offline."""
+        from huggingface_hub import try_to_load_from_cache
+
+        conf = try_to_load_from_cache(repo, "open_clip_config.json", cache_dir=cache_dir)
+        if isinstance(conf, str):
+            snap = Path(conf).parent
+            if any((snap / n).is_file() for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+                return snap
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        if not _hf_offline() and _reachable(host):
+            return None
+        raise BenchmarkError(
+            f"hf-hub:{repo} is not in the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}) and "
+            f"cannot be downloaded ({'HF_HUB_OFFLINE is set' if _hf_offline() else host + ' cannot be reached'}). "
+            f"Copy the repository's files (open_clip_config.json and the weights) into a folder and set "
+            f"backbone.pretrained=/that/folder.")
 
     @staticmethod
     def _check_supported(model: nn.Module) -> None:

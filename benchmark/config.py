@@ -251,6 +251,8 @@ def parse_set(expr: str) -> Tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads on/off/yes/no as booleans; keep the word (train.amp=off)
     return key.strip(), value
 
 

@@ -24,6 +24,9 @@ class Split:
     ids: List[str]
     labels: np.ndarray  # int64, canonical class index in [0, C)
     loader: Callable[[int], Image.Image]  # loader(i) -> RGB PIL image of sample i
+    # how the pixels are produced when the ids alone do not say it (e.g. a resized image cache):
+    # part of the frozen-feature cache key, not of the split fingerprint (the samples are the same)
+    variant: str = ""
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)

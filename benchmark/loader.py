@@ -134,7 +134,8 @@ class FeatureCache:
         self.folder = Path(folder)
 
     def key(self, backbone_identity: str, dataset: str, split: Split, transform_desc: str) -> str:
-        raw = "|".join([backbone_identity, dataset, split.fingerprint(), transform_desc])
+        raw = "|".join([backbone_identity, dataset, split.fingerprint(), transform_desc]
+                       + ([split.variant] if getattr(split, "variant", "") else []))
         return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
     def get(self, backbone, dataset: str, split: Split, transform: Callable, batch_size: int,

@@ -74,3 +74,10 @@ def test_hash_ignores_non_result_fields_and_training_of_training_free_methods():
     assert C.cell_hash(a) == C.cell_hash(toy_cfg(seed=2)) and C.config_hash(a) != C.config_hash(toy_cfg(seed=2))
     z = toy_cfg("zsclip")
     assert C.config_hash(z) == C.config_hash(toy_cfg("zsclip", sets=["train.lr=0.1"]))
+
+
+def test_set_keeps_words_that_yaml_would_read_as_booleans():
+    assert C.parse_set("train.amp=off") == ("train.amp", "off")
+    assert C.parse_set("ssl.enabled=true") == ("ssl.enabled", True)
+    cfg = toy_cfg(sets=["train.amp=off", "ssl.enabled=yes"])
+    assert cfg.train.amp == "off" and cfg.ssl.enabled is True

@@ -1,0 +1,80 @@
+"""FGVC-Aircraft 2013b, variant level (``fgvc_aircraft``): 100 variants, 3,334 train / 3,333 test.
+
+Where it is looked for under ``--data-root``: ``fgvc_aircraft/`` (CoOp's name for the archive's
+``data/`` folder), ``fgvc-aircraft-2013b/data/`` (the extracted official archive),
+``fgvc-aircraft-2013b/``, ``FGVC-Aircraft/``, ``aircraft/``, then the root itself.
+
+Both layouts are the same files: ``variants.txt`` (the class order), ``images_variant_train.txt``,
+``images_variant_val.txt``, ``images_variant_test.txt`` (lines ``<image id> <variant name>``) and
+``images/<image id>.jpg``. CoOp trains on ``train`` and validates on ``val``; here the unlabeled pool
+is ``train`` (3,334, SPEC section 3) or, with the dataset option ``trainval: true``, train + val
+(6,667). Class names are the ``variants.txt`` lines as they are ("707-320", "A300B4", "Cessna 172").
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from benchmark.errors import DatasetError
+from benchmark.registry import register_dataset
+
+from ._real import Index, Layout, RealDataset, read_lines
+
+FILES = ("variants.txt", "images_variant_train.txt", "images_variant_val.txt", "images_variant_test.txt")
+
+
+@register_dataset("fgvc_aircraft")
+class FGVCAircraft(RealDataset):
+    """FGVC-Aircraft 2013b, 100 variants (official data/ folder; CoOp uses the same files)."""
+
+    title = "FGVC-Aircraft 2013b"
+    description = "FGVC-Aircraft 2013b variants, 100 classes (50 ID + 50 OOD), 3,334 train / 3,333 test"
+    template = "a photo of a {}, a type of aircraft."  # CoOp CUSTOM_TEMPLATES["FGVCAircraft"] [code]
+    folder_names = ("fgvc_aircraft", "fgvc-aircraft-2013b/data", "fgvc-aircraft-2013b", "FGVC-Aircraft",
+                    "aircraft")
+    official_sizes = (100, 3334, 3333)
+    # trainval: False = the unlabeled pool is images_variant_train.txt (SPEC [default]); True = train+val
+    extra_options = {"trainval": False}
+    layouts = (
+        Layout("official", "variants.txt, images_variant_{train,val,test}.txt and images/ (the data/ "
+               "folder of fgvc-aircraft-2013b.tar.gz; CoOp calls this folder fgvc_aircraft/)",
+               tuple((f,) for f in FILES) + (("images/",),)),
+    )
+
+    def __init__(self, root=None, **options):
+        super().__init__(root, **options)
+        tv = self.options["trainval"]
+        self.options["trainval"] = tv.strip().lower() in ("1", "true", "yes") if isinstance(tv, str) else bool(tv)
+
+    def expected_sizes(self):
+        return (100, 6667, 3333) if self.options["trainval"] else self.official_sizes
+
+    def allowed_layouts(self):
+        return list(self.layouts)  # "coop" and "official" are the same files here
+
+    def read(self, folder: Path, layout: Layout) -> Index:
+        names = read_lines(folder / "variants.txt")
+        lab = {n: i for i, n in enumerate(names)}
+
+        def read_split(fname: str):
+            ids, labels = [], []
+            for ln in read_lines(folder / fname):
+                img, variant = ln.split(" ", 1)
+                if variant not in lab:
+                    raise DatasetError(f"{folder / fname}: variant {variant!r} is not in variants.txt")
+                ids.append(f"images/{img}.jpg")
+                labels.append(lab[variant])
+            return ids, labels
+
+        parts = ("train", "val") if self.options["trainval"] else ("train",)
+        tr_ids, tr_lab = [], []
+        for p in parts:
+            i, l = read_split(f"images_variant_{p}.txt")
+            tr_ids += i
+            tr_lab += l
+        te_ids, te_lab = read_split("images_variant_test.txt")
+        return Index(folder=folder, layout="official", classnames=names,
+                     splits={"train": (tr_ids, np.array(tr_lab, dtype=np.int64)),
+                             "test": (te_ids, np.array(te_lab, dtype=np.int64))},
+                     image_base=folder)
