@@ -63,7 +63,9 @@ class ViewDataset(Dataset):
         idx, seed = item if isinstance(item, tuple) else (item, 0)
         img = self.split.image(int(idx))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # the CPU generator only (what the transforms draw from): torch.manual_seed would also
+            # queue a CUDA reseed with a stack trace per call (slow, and not restored by fork_rng)
+            torch.default_generator.manual_seed(seed)
             out = {name: t(img) for name, t in self.views.items()}
         out["__y__"] = torch.tensor(int(self.split.labels[int(idx)]))
         return out

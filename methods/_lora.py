@@ -140,11 +140,16 @@ class LoRAAttention(nn.Module):
         return self
 
     # -- forward -------------------------------------------------------------------------------
-    def _lora(self, m: str, x: torch.Tensor) -> torch.Tensor:
+    def _deltas(self, names: Sequence[str], x: torch.Tensor) -> List[torch.Tensor]:
+        """``scaling * B_m A_m dropout_m(x)`` for each m in ``names`` (one independent dropout mask per
+        matrix), computed together: the inputs are stacked and multiplied by the stacked A and B."""
+        A = torch.stack([getattr(self, f"lora_A_{m}") for m in names]).to(x.dtype)  # [n, r, E]
+        B = torch.stack([getattr(self, f"lora_B_{m}") for m in names]).to(x.dtype)  # [n, E, r]
+        xs = x.reshape(1, -1, x.shape[-1]).expand(len(names), -1, -1)  # [n, N, E]
         if self.training and self.dropout_p > 0:
-            x = F.dropout(x, self.dropout_p, training=True)
-        A, B = getattr(self, f"lora_A_{m}"), getattr(self, f"lora_B_{m}")
-        return F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)) * self.scaling
+            xs = F.dropout(xs, self.dropout_p, training=True)
+        d = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2)) * self.scaling  # [n, N, E]
+        return [t.reshape(x.shape[:-1] + (B.shape[1],)) for t in d.unbind(0)]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
@@ -155,53 +160,56 @@ class LoRAAttention(nn.Module):
                                       "open_clip and not implemented; pass an attn_mask")
         base = self.base
         batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        elif base.batch_first:  # work in [L, B, E] like nn.MultiheadAttention's math
+        self_attn = query is key and key is value
+        if not batched:  # [L, E] -> [1, L, E]
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        elif not base.batch_first:  # [L, B, E] -> [B, L, E]
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        L, Bsz, E = query.shape
-        S = key.shape[0]
+        Bsz, L, E = query.shape
+        S = key.shape[1]
         H = base.num_heads
         D = E // H
-        if self.training or self._merged is None:
-            if not self.training:
-                self.merge()
-        lora_live = self.training  # eval: deltas are inside the merged weights
-        w_in = self._merged["in"] if not lora_live else base.in_proj_weight
-        w_out = self._merged["out"] if not lora_live else base.out_proj.weight
+        lora_live = self.training  # eval: the deltas are inside the merged weights
+        if not lora_live and self._merged is None:
+            self.merge()
+        w_in = base.in_proj_weight if lora_live else self._merged["in"]
+        w_out = base.out_proj.weight if lora_live else self._merged["out"]
         b_in = base.in_proj_bias
-        if query is key and key is value:
+        if self_attn:
             q, k, v = F.linear(query, w_in, b_in).chunk(3, dim=-1)
         else:
             wq, wk, wv = w_in.chunk(3)
             bq, bk, bv = b_in.chunk(3) if b_in is not None else (None, None, None)
             q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
         if lora_live:
-            if "q" in self.matrices:
-                q = q + self._lora("q", query)
-            if "k" in self.matrices:
-                k = k + self._lora("k", key)
-            if "v" in self.matrices:
-                v = v + self._lora("v", value)
-        # [L, B, E] -> [B, H, L, D]
-        q = q.reshape(L, Bsz, H, D).permute(1, 2, 0, 3)
-        k = k.reshape(S, Bsz, H, D).permute(1, 2, 0, 3)
-        v = v.reshape(S, Bsz, H, D).permute(1, 2, 0, 3)
+            qkv = {"q": q, "k": k, "v": v}
+            names = [m for m in "qkv" if m in self.matrices]
+            if self_attn:
+                for m, d in zip(names, self._deltas(names, query)):
+                    qkv[m] = qkv[m] + d
+            else:
+                for m, inp in (("q", query), ("k", key), ("v", value)):
+                    if m in names:
+                        qkv[m] = qkv[m] + self._deltas([m], inp)[0]
+            q, k, v = qkv["q"], qkv["k"], qkv["v"]
+        q = q.reshape(Bsz, L, H, D).transpose(1, 2)  # [B, H, L, D]
+        k = k.reshape(Bsz, S, H, D).transpose(1, 2)
+        v = v.reshape(Bsz, S, H, D).transpose(1, 2)
         mask = attn_mask
         if mask is not None:
             if mask.dtype == torch.bool:  # nn.MultiheadAttention: True = not allowed to attend
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
             mask = mask.to(q.dtype)
-            if mask.dim() == 3:
+            if mask.dim() == 3:  # [B * H, L, S]
                 mask = mask.view(Bsz, H, L, S)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        o = o.permute(2, 0, 1, 3).reshape(L, Bsz, E)
+        o = o.transpose(1, 2).reshape(Bsz, L, E)
         out = F.linear(o, w_out, base.out_proj.bias)
         if lora_live and "o" in self.matrices:
-            out = out + self._lora("o", o)
+            out = out + self._deltas(["o"], o)[0]
         if not batched:
-            out = out.squeeze(1)
-        elif base.batch_first:
+            out = out.squeeze(0)
+        elif not base.batch_first:
             out = out.transpose(0, 1)
         return out, None
 

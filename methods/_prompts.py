@@ -1,0 +1,164 @@
+"""Shared code of the prompt-learning baselines (CoOp, LoCoOp, PLOT, MaPLe).
+
+:class:`PromptLearner` is the CoOp-family text prompt ``[SOS] v1..vn CLASS . [EOS]`` with the class
+token at the end, generalised to ``n_prompts`` context sets (PLOT's N prompts per class) and deep
+text prompts (MaPLe). Token layout follows the official PromptLearner of CoOp / LoCoOp / PLOT /
+MaPLe: each prompt is tokenised as ``"<prefix> <classname>."`` where ``<prefix>`` is the init
+string (or ``"X X ... X"`` for the random init); the learnable context replaces token positions
+``1..n_ctx`` (right after SOS), every other position keeps its frozen word embedding, and the EOT
+position (where the text feature is pooled) comes from those tokens, as open_clip does.
+
+With an init string, the context starts from the word embeddings of its first ``n_ctx`` tokens;
+tokens of the init string beyond ``n_ctx`` stay as fixed words (MaPLe: n_ctx = 2 from
+"a photo of a" learns "a photo" and keeps "of a"). CoOp, LoCoOp and PLOT set n_ctx to the number of
+words of the init string (their official code does), which :func:`check_ctx_init_words` enforces.
+
+:func:`sinkhorn` is PLOT's entropic optimal-transport solver, :class:`EvalCache` the cache of class
+text features while the method is in eval mode.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from benchmark.errors import ConfigError
+
+Tensor = torch.Tensor
+
+
+def clean_classname(name: str) -> str:
+    return name.replace("_", " ")  # as every official PromptLearner does
+
+
+def check_ctx_init_words(method: str, n_ctx: int, ctx_init: Union[str, Sequence[str]]) -> None:
+    """CoOp / LoCoOp / PLOT derive n_ctx from the init string (``len(ctx_init.split(" "))``);
+    we keep ``n_ctx`` explicit in the config and refuse a mismatch instead of silently ignoring it."""
+    inits = [ctx_init] if isinstance(ctx_init, str) else list(ctx_init)
+    for s in inits:
+        if s and len(s.replace("_", " ").split()) != n_ctx:
+            raise ConfigError(f"{method}.params.ctx_init {s!r} has {len(s.split())} words but "
+                              f"n_ctx={n_ctx}; the official code sets n_ctx to the number of words "
+                              f"of the init, so set {method}.params.n_ctx={len(s.split())}")
+
+
+class PromptLearner(nn.Module):
+    """Learnable text context shared by all classes.
+
+    ``inits``: "" (random N(0, 0.02) init, CoOp's) or one init string for every prompt, or a list
+    of ``n_prompts`` init strings (PLOT++'s per-prompt templates). The parameter ``ctx`` has shape
+    ``[n_ctx, W]`` for one prompt (as CoOp's checkpoint) and ``[n_prompts, n_ctx, W]`` otherwise.
+    ``forward()`` returns unnormalised text features ``[n_prompts * K, E]``, prompt-major (row
+    ``n * K + k`` is prompt n of class k, PLOT's layout)."""
+
+    def __init__(self, backbone, classnames: List[str], n_ctx: int,
+                 inits: Union[str, Sequence[str]] = "", n_prompts: int = 1):
+        super().__init__()
+        self._bb = [backbone]  # a list: not registered as a submodule (the method owns the backbone)
+        if n_ctx < 1 or n_prompts < 1:
+            raise ConfigError(f"n_ctx and the number of prompts must be >= 1 (got {n_ctx}, {n_prompts})")
+        names = [clean_classname(c) for c in classnames]
+        if isinstance(inits, str):
+            inits = [inits] * n_prompts
+        inits = [s.replace("_", " ").strip() for s in inits]
+        if len(inits) != n_prompts:
+            raise ConfigError(f"{len(inits)} context init strings for {n_prompts} prompts")
+        if any(inits) and not all(inits):
+            raise ConfigError("either every prompt's context is initialised from words or none")
+        width = backbone.text_width
+        if inits[0]:
+            vecs = []
+            for s in inits:
+                tok = backbone.tokenize([s])
+                n_tok = int(tok.argmax(-1)) - 1  # tokens between SOS and EOT
+                if n_tok < n_ctx:
+                    raise ConfigError(f"context init {s!r} has {n_tok} tokens, fewer than n_ctx={n_ctx}")
+                with torch.no_grad():
+                    vecs.append(backbone.token_embedding(tok)[0, 1:1 + n_ctx].clone())
+            ctx = torch.stack(vecs)
+            prefixes = inits
+        else:
+            ctx = torch.empty(n_prompts, n_ctx, width, dtype=backbone.dtype, device=backbone.device)
+            nn.init.normal_(ctx, std=0.02)  # [code] CoOp/PLOT random init
+            prefixes = [" ".join(["X"] * n_ctx)] * n_prompts
+        self.n_ctx, self.n_prompts, self.num_classes = n_ctx, n_prompts, len(names)
+        self.ctx = nn.Parameter(ctx[0] if n_prompts == 1 else ctx)
+        tokens = torch.cat([backbone.tokenize([f"{p} {name}." for name in names]) for p in prefixes])
+        with torch.no_grad():
+            emb = backbone.token_embedding(tokens)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # SOS
+        self.register_buffer("suffix", emb[:, 1 + n_ctx:].clone(), persistent=False)  # CLASS . EOT pad
+
+    def context(self) -> Tensor:
+        """``[n_prompts, n_ctx, W]``"""
+        return self.ctx.unsqueeze(0) if self.ctx.dim() == 2 else self.ctx
+
+    def embeddings(self, ctx: Optional[Tensor] = None) -> Tensor:
+        """Token embeddings ``[n_prompts * K, L, W]`` with the context at positions 1..n_ctx."""
+        ctx = self.context() if ctx is None else ctx
+        k = self.num_classes
+        ctx = ctx.unsqueeze(1).expand(-1, k, -1, -1).reshape(-1, self.n_ctx, ctx.shape[-1])
+        return torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)
+
+    def forward(self, deep_prompts: Optional[Sequence[Optional[Tensor]]] = None,
+                ctx: Optional[Tensor] = None) -> Tensor:
+        return self._bb[0].encode_text_embeddings(self.embeddings(ctx), self.tokens,
+                                                  deep_prompts=deep_prompts, prompt_start=1)
+
+
+class EvalCache:
+    """Memoises a value (class text features) while the owning module is in eval mode; training
+    always recomputes (the prompts change every step). Call :meth:`clear` from ``train()``."""
+
+    def __init__(self):
+        self.value = None
+
+    def get(self, module: nn.Module, compute: Callable[[], object]):
+        if module.training:
+            self.value = None
+            return compute()
+        if self.value is None:
+            with torch.no_grad():
+                self.value = compute()
+        return self.value
+
+    def clear(self) -> None:
+        self.value = None
+
+
+def sinkhorn(K: Tensor, u: Tensor, v: Tensor, max_iter: int = 100, tol: float = 1e-2) -> Tensor:
+    """Entropic OT plan ``diag(r) K diag(c)`` for a batch of kernels ``K`` ``[B, M, N]`` with
+    marginals ``u`` ``[B, M]`` and ``v`` ``[B, N]``, as the official PLOT ``Sinkhorn``: alternate
+    ``r = u / (K c)``, ``c = v / (K^T r)`` from ones, at most ``max_iter`` rounds, stopping when the
+    mean absolute change of ``r`` over the whole batch is below ``tol``."""
+    r = torch.ones_like(u)
+    c = torch.ones_like(v)
+    for _ in range(max_iter):
+        r0 = r
+        r = u / torch.matmul(K, c.unsqueeze(-1)).squeeze(-1)
+        c = v / torch.matmul(K.transpose(1, 2), r.unsqueeze(-1)).squeeze(-1)
+        if float((r - r0).abs().mean()) < tol:
+            break
+    return r.unsqueeze(-1) * K * c.unsqueeze(-2)
+
+
+class PromptMethod:
+    """Mixin for a :class:`~benchmark.method.Method` whose class text features depend only on its
+    parameters: ``self._eval_cache`` holds them in eval mode and is cleared on ``train()`` and when
+    learned state is loaded (a resumed or reloaded run never sees stale features)."""
+
+    def _init_cache(self) -> None:
+        self._eval_cache = EvalCache()
+
+    def cached(self, compute: Callable[[], object]):
+        return self._eval_cache.get(self, compute)
+
+    def train(self, mode: bool = True):
+        self._eval_cache.clear()
+        return super().train(mode)
+
+    def load_learned_state_dict(self, sd) -> None:
+        self._eval_cache.clear()
+        super().load_learned_state_dict(sd)
