@@ -56,7 +56,8 @@ BANDS = {"zs_acc": (25.0, 75.0), "zs_auroc": (55.0, 85.0), "probe_gain": (5.0, f
 EMBEDDED_DATASETS = ("synth_dogs", "synth_cars", "synth_cub", "synth_aircraft")
 
 
-def calibrate(datasets=EMBEDDED_DATASETS, shots: int = 20, seed: int = 1, checkpoint: Optional[Path] = None) -> dict:
+def calibrate(datasets=EMBEDDED_DATASETS, shots: int = 20, seed: int = 1, checkpoint: Optional[Path] = None,
+              device: str = "cpu", dataset_options: Optional[dict] = None) -> dict:
     """Per dataset: zero-shot ID accuracy, zero-shot ID-vs-OOD AUROC (max softmax) and the accuracy
     of a ``shots``-shot logistic-regression probe on frozen image features, all in percent."""
     import numpy as np
@@ -71,24 +72,25 @@ def calibrate(datasets=EMBEDDED_DATASETS, shots: int = 20, seed: int = 1, checkp
     from .protocol import build_manifest, num_known
     from .registry import DATASETS
 
-    bb = CLIPBackbone.load(BackboneConfig(pretrained=str(checkpoint) if checkpoint else "embedded"))
+    bb = CLIPBackbone.load(BackboneConfig(pretrained=str(checkpoint) if checkpoint else "embedded"), device=device)
     tf = build_transforms(bb.preprocess_cfg, DataConfig())["test"]
 
     def encode(split, idx):
         with torch.no_grad():
-            return torch.cat([F.normalize(bb.encode_image(b["test"]).pooled, dim=-1)
+            return torch.cat([F.normalize(bb.encode_image(b["test"].to(bb.device)).pooled, dim=-1).float().cpu()
                               for b in eval_loader(split, idx, tf, 256)])
 
     out = {}
     for name in datasets:
-        plugin = DATASETS.get(name)()
+        plugin = DATASETS.get(name)(**(dataset_options or {}))
         names = plugin.classnames()
         K = num_known(len(names))
         train, test = plugin.load("train"), plugin.load("test")
         ft = encode(test, np.arange(len(test)))
         with torch.no_grad():
-            text = F.normalize(bb.encode_text(bb.tokenize([plugin.template.format(c) for c in names[:K]])), dim=-1)
-        logits = (bb.logit_scale * ft @ text.t()).numpy()
+            text = F.normalize(bb.encode_text(bb.tokenize([plugin.template.format(c) for c in names[:K]]).to(bb.device)),
+                               dim=-1).float().cpu()
+        logits = (float(bb.logit_scale) * ft @ text.t()).numpy()
         y = test.labels
         idm = y < K
         zs_acc = float((logits[idm].argmax(1) == y[idm]).mean()) * 100

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 48  # output image size (the tiny CLIP's input size)
+MARKER_SCALE = 0.2  # marker radius relative to the object's half-size (pretraining and benchmark)
 CANVAS = 96  # drawn at 2x then downsampled
 
 PATTERNS = ("plain", "striped", "spotted", "checkered")
@@ -162,7 +163,7 @@ def _body(fam: str, draw: ImageDraw.ImageDraw, S: float, o: float, fill) -> Tupl
 
 
 def render(family: str, combo: Combo, rng: np.random.Generator, difficulty: float = 1.0,
-           cast: Tuple[float, float, float] = (1.0, 1.0, 1.0), marker_scale: float = 0.2) -> np.ndarray:
+           cast: Tuple[float, float, float] = (1.0, 1.0, 1.0), marker_scale: float = MARKER_SCALE) -> np.ndarray:
     """One RGB uint8 image [SIZE, SIZE, 3] of ``combo`` with random nuisances. ``cast``: a per-channel
     gain (the benchmark datasets' "camera", a domain shift from the pretraining images)."""
     fam = FAMILIES[family]
@@ -221,7 +222,7 @@ def render(family: str, combo: Combo, rng: np.random.Generator, difficulty: floa
 def dataset_arrays(family: str, split: str, per_class: int, n_known: int = 12,
                    seed: int = 0, difficulty: float = 1.0,
                    cast: Tuple[float, float, float] = (1.0, 1.0, 1.0),
-                   marker_scale: float = 0.2) -> Tuple[np.ndarray, np.ndarray]:
+                   marker_scale: float = MARKER_SCALE) -> Tuple[np.ndarray, np.ndarray]:
     """Images [N, SIZE, SIZE, 3] and labels [N] of a benchmark split, class-major order."""
     classes = benchmark_classes(family, n_known, seed)
     rng = np.random.default_rng([seed, list(FAMILIES).index(family), 0 if split == "train" else 1])

@@ -16,7 +16,7 @@ class _Synthetic(DatasetPlugin):
 
     def __init__(self, root=None, n_known: int = 12, train_per_class: int = 30,
                  test_per_class: int = 15, seed: int = 0, difficulty: float = 2.2,
-                 cast=(1.2, 0.95, 0.75)):
+                 cast=(1.2, 0.95, 0.75), marker_scale: float = W.MARKER_SCALE):
         # difficulty (noise and colour jitter) and cast (a per-channel gain: the benchmark "camera")
         # make the benchmark images a domain shift from the pretraining images, as real
         # fine-grained datasets are from web captions; chosen so that the calibration report lands
@@ -24,6 +24,7 @@ class _Synthetic(DatasetPlugin):
         super().__init__(root)
         self.n_known, self.seed = int(n_known), int(seed)
         self.difficulty, self.cast = float(difficulty), tuple(float(c) for c in cast)
+        self.marker_scale = float(marker_scale)
         self.per_class = {"train": int(train_per_class), "test": int(test_per_class)}
 
     def classnames(self) -> List[str]:
@@ -34,7 +35,7 @@ class _Synthetic(DatasetPlugin):
         if split not in self.per_class:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         imgs, labels = W.dataset_arrays(self.family, split, self.per_class[split], self.n_known, self.seed,
-                                        self.difficulty, self.cast)
+                                        self.difficulty, self.cast, self.marker_scale)
         return Split(ids=[f"{split}/{i:05d}" for i in range(len(labels))], labels=labels,
                      loader=lambda i: pil_from_array(imgs[i]))
 

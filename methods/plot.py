@@ -12,10 +12,7 @@ of the row scaling vector is below ``tol``) is computed without gradient, and
 
 Which features are "local" (``params.local_features``):
 
-* ``patches`` -- **our own cheap ViT variant**: the M projected patch tokens (``ln_post`` + ``proj``
-  of the last layer's patch outputs); N prompts of ``n_ctx`` random-init tokens (PLOT's recipe).
-  The official PLOT code supports only ResNet (local features = the attention-pool grid).
-* ``plotpp`` -- the official ViT recipe, **PLOT++**: M sets of ``n_ctx_vision`` visual prompt tokens
+* ``plotpp`` (default) -- the official ViT recipe, **PLOT++**: M sets of ``n_ctx_vision`` visual prompt tokens
   (N(0, 0.02)) appended after the patch tokens; each set gives one prompt-conditioned CLS feature,
   and those M features are the local features. The N text prompts start from the per-dataset
   template list ``ctx_init_list`` (their n_ctx = the word count of the first template, as the
@@ -25,6 +22,12 @@ Which features are "local" (``params.local_features``):
   with OT logits only (the "joint" stage, TRADE_OFF False), which is also what predicts. Deviation:
   the official code runs the stages as two runs, each with its own warm-up + cosine schedule and a
   fresh optimizer; here one run carries one schedule across both stages.
+* ``patches`` -- **our own cheap ViT variant**: the M projected patch tokens (``ln_post`` + ``proj``
+  of the last layer's patch outputs); N prompts of ``n_ctx`` random-init tokens (PLOT's recipe).
+  The official PLOT code supports only ResNet (local features = the attention-pool grid).
+* ``value`` -- as ``patches`` with LoCoOp's value-path local features (MaskCLIP-style).
+  Both cheap variants need patch tokens aligned with text, which CLIP's are not (see
+  configs/methods/plot.yaml for the embedded-world figures); PLOT++ avoids this.
 
 Known-scores: MSP and MCM of the (OT) logits.
 """
@@ -46,7 +49,7 @@ from ._prompts import PromptLearner, PromptMethod, check_ctx_init_words, sinkhor
 
 @dataclass
 class PLOTConfig:
-    local_features: str = "plotpp"  # [code] plotpp (official ViT recipe) | patches (ours, cheap)
+    local_features: str = "plotpp"  # [code] plotpp (official ViT recipe) | patches | value (ours)
     n_prompts: int = 4  # [paper][code] N text prompts per class
     n_ctx: int = 16  # [paper][code] context tokens per prompt (plotpp: words of ctx_init_list[0])
     ctx_init: str = ""  # [code] "" = random N(0, 0.02) (patches variant)
@@ -72,8 +75,8 @@ class PLOT(PromptMethod, Method):
         super().__init__(cfg, backbone, ctx)
         self._init_cache()
         self.plotpp = cfg.local_features == "plotpp"
-        if cfg.local_features not in ("patches", "plotpp"):
-            raise ConfigError(f"plot.params.local_features must be patches or plotpp, got {cfg.local_features!r}")
+        if cfg.local_features not in ("patches", "value", "plotpp"):
+            raise ConfigError(f"plot.params.local_features must be plotpp, patches or value, got {cfg.local_features!r}")
         if cfg.eps <= 0 or cfg.max_iter < 1:
             raise ConfigError("plot.params.eps must be > 0 and max_iter >= 1")
         if self.plotpp:
@@ -111,6 +114,9 @@ class PLOT(PromptMethod, Method):
             p = self.ctx_vision.repeat_interleave(B, dim=0)
             f = self.backbone.encode_image(x, prompts=p).pooled.reshape(M, B, -1).transpose(0, 1)
             return f, f.mean(1)
+        if self.cfg.local_features == "value":
+            out = self.backbone.encode_image(images, return_value_local=True)
+            return out.value_local, out.pooled
         out = self.backbone.encode_image(images, return_patches=True)
         return out.patches, out.pooled
 

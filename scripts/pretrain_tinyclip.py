@@ -38,16 +38,31 @@ from benchmark.io import atomic_torch_save, atomic_write_json  # noqa: E402
 from benchmark.tinyclip import CHECKPOINT, RECORD, TINY_CLIP_NAME, file_sha256, register_tiny_clip  # noqa: E402
 
 
-def build_pool(per_family: int, seed: int):
-    imgs, combos, fams = [], [], []
-    for fi, fam in enumerate(W.FAMILIES):
-        allowed = W.pretraining_combos(fam)
-        rng = np.random.default_rng([seed, 100 + fi])
-        for i in range(per_family):
-            combo = allowed[i % len(allowed)]
-            imgs.append(W.render(fam, combo, rng))
-            combos.append(fi * 64 + combo[0] * 16 + combo[1] * 4 + combo[2])
-            fams.append(fam)
+def _family_pool(args):
+    fi, fam, per_family, seed, marker_scale = args
+    allowed = W.pretraining_combos(fam)
+    rng = np.random.default_rng([seed, 100 + fi])
+    imgs, combos = [], []
+    for i in range(per_family):
+        combo = allowed[i % len(allowed)]
+        imgs.append(W.render(fam, combo, rng, marker_scale=marker_scale))
+        combos.append(fi * 64 + combo[0] * 16 + combo[1] * 4 + combo[2])
+    return imgs, combos
+
+
+def build_pool(per_family: int, seed: int, marker_scale: float = W.MARKER_SCALE, workers: int = 1):
+    """Images, combination codes and family names; each family has its own generator, so the pool
+    is the same with any number of worker processes."""
+    jobs = [(fi, fam, per_family, seed, marker_scale) for fi, fam in enumerate(W.FAMILIES)]
+    if workers > 1:
+        from multiprocessing import Pool
+        with Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_family_pool, jobs)
+    else:
+        parts = [_family_pool(j) for j in jobs]
+    imgs = [im for p_, _ in parts for im in p_]
+    combos = [c for _, cs in parts for c in cs]
+    fams = [fam for fam, (p_, _) in zip(W.FAMILIES, parts) for _ in p_]
     return np.stack(imgs), np.array(combos), fams
 
 
@@ -58,6 +73,12 @@ def main(argv=None):
     p.add_argument("--per-family", type=int, default=6000, help="pretraining images per family")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family-batches", type=float, default=0.0,
+                   help="fraction of batches drawn from a single family (hard negatives that differ "
+                        "in one attribute); the rest mix all families")
+    p.add_argument("--marker-scale", type=float, default=W.MARKER_SCALE)
+    p.add_argument("--device", default="cpu", help="cpu (the documented, deterministic setting) or cuda")
+    p.add_argument("--workers", type=int, default=1, help="processes drawing the image pool (same pool for any value)")
     p.add_argument("--out", default=str(CHECKPOINT))
     p.add_argument("--no-calibrate", action="store_true")
     args = p.parse_args(argv)
@@ -69,12 +90,14 @@ def main(argv=None):
 
     register_tiny_clip()
     t0 = time.time()
-    imgs, combos, fams = build_pool(args.per_family, args.seed)
+    imgs, combos, fams = build_pool(args.per_family, args.seed, args.marker_scale, args.workers)
+    fam_ids = np.array([list(W.FAMILIES).index(f) for f in fams])
+    dev = torch.device(args.device)
     print(f"pool: {len(imgs)} images in {time.time() - t0:.0f}s", flush=True)
-    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None).to(dev)
     tok = open_clip.get_tokenizer(TINY_CLIP_NAME)
-    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073), device=dev).view(1, 3, 1, 1)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711), device=dev).view(1, 3, 1, 1)
     decay = [p_ for n, p_ in model.named_parameters() if p_.ndim >= 2 and "embedding" not in n]
     no_decay = [p_ for n, p_ in model.named_parameters() if not (p_.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -88,18 +111,22 @@ def main(argv=None):
             0.5 * args.lr * (1 + math.cos(math.pi * (step - warm) / (args.steps - warm)))
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = rng.choice(len(imgs), args.batch_size, replace=False)
-        x = torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2).float().div(255)
+        if args.family_batches > 0 and rng.random() < args.family_batches:
+            pool_idx = np.flatnonzero(fam_ids == int(rng.integers(len(W.FAMILIES))))
+            idx = rng.choice(pool_idx, args.batch_size, replace=False)
+        else:
+            idx = rng.choice(len(imgs), args.batch_size, replace=False)
+        x = torch.from_numpy(imgs[idx]).permute(0, 3, 1, 2).float().div(255).to(dev)
         if rng.random() < 0.5:
             x = x.flip(-1)
         x = (x - mean) / std
         caps = [W.captions(fams[i], _combo(combos[i]), rng) for i in idx]
-        t = tok(caps)
+        t = tok(caps).to(dev)
         fi = F.normalize(model.encode_image(x), dim=-1)
         ft = F.normalize(model.encode_text(t), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         logits = scale * fi @ ft.t()
-        same = torch.from_numpy(combos[idx][:, None] == combos[idx][None, :]).float()
+        same = torch.from_numpy(combos[idx][:, None] == combos[idx][None, :]).float().to(dev)
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean()
                       + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
@@ -122,8 +149,17 @@ def main(argv=None):
     record = {"model": TINY_CLIP_NAME, "sha256": sha, "command": "python scripts/pretrain_tinyclip.py "
               + " ".join(argv if argv is not None else sys.argv[1:]),
               "steps": args.steps, "batch_size": args.batch_size, "per_family": args.per_family,
-              "lr": args.lr, "seed": args.seed, "train_seconds": round(time.time() - t1, 1),
+              "lr": args.lr, "seed": args.seed, "family_batches": args.family_batches,
+              "marker_scale": args.marker_scale, "device": args.device, "train_seconds": round(time.time() - t1, 1),
               "torch": torch.__version__, "open_clip": open_clip.__version__}
+    if out.resolve() != CHECKPOINT.resolve() and not args.no_calibrate:
+        from benchmark.tinyclip import calibrate, format_calibration
+
+        cal = calibrate(checkpoint=out, device=args.device,
+                        dataset_options={"marker_scale": args.marker_scale})
+        print(format_calibration(cal))
+        record["calibration"] = cal
+        atomic_write_json(out.with_suffix(".json"), record)
     if out.resolve() == CHECKPOINT.resolve():
         atomic_write_json(RECORD, record)
         if not args.no_calibrate:

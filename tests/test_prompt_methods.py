@@ -23,6 +23,7 @@ CASES = {
     "coop": (["params.n_ctx=4"], {"prompts.ctx"}),
     "locoop": (["params.n_ctx=4", "params.top_k=1"], {"prompts.ctx"}),
     "plot": (["params.local_features=patches", "params.n_ctx=4", "params.n_prompts=2"], {"prompts.ctx"}),
+    "plotvalue": (["params.local_features=value", "params.n_ctx=4", "params.n_prompts=2"], {"prompts.ctx"}),
     "plotpp": (["params.local_features=plotpp", "params.n_prompts=2", "params.n_visual_prompts=2",
                 "params.ctx_init_list=[a photo of a, one picture of a]"], {"prompts.ctx", "ctx_vision"}),
     "maple": (["params.prompt_depth=3", "train.batch_size=4"],
@@ -33,7 +34,7 @@ CASES = {
 
 def _cfg(case, extra=()):
     sets, _ = CASES[case]
-    method = "plot" if case == "plotpp" else case
+    method = "plot" if case.startswith("plot") else case
     return toy_cfg(method, shots=4, sets=["train.epochs=6", "train.lr=0.05", "train.log_every=1",
                                           "train.warmup_epochs=0", *sets, *extra])
 
