@@ -519,6 +519,19 @@ class CLIPBackbone(nn.Module):
                 x = blk(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
         return x
 
+    # -- torch.compile ------------------------------------------------------------------------
+    def set_compiled(self, on: bool, backend: str = "inductor") -> None:
+        """``torch.compile`` every residual block of both towers in place (``train.compile``), or
+        undo it. Blocks rather than the whole model: the methods run the towers block by block
+        (prompts, deep prompts, value path), which a whole-model compile would never see. Weights
+        and the state dict are untouched; the first call of each shape pays the compilation."""
+        blocks = list(self.model.visual.transformer.resblocks) + list(self.model.transformer.resblocks)
+        for blk in blocks:
+            if on and getattr(blk, "_compiled_call_impl", None) is None:
+                blk.compile(backend=backend)
+            elif not on:
+                blk._compiled_call_impl = None
+
     # -- LoRA access --------------------------------------------------------------------------
     def attention_modules(self, tower: str = "both") -> List[Tuple[str, int, nn.MultiheadAttention]]:
         """``(tower, layer index, nn.MultiheadAttention)`` for every block of the chosen tower(s)."""

@@ -58,6 +58,8 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     grad_clip: Optional[float] = None
     amp: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | off
+    # torch.compile the backbone's residual blocks (a speed option; results agree to float rounding)
+    compile: bool = field(default=False, metadata=NOHASH)
     checkpoint_every: int = field(default=100, metadata=NOHASH)  # steps between checkpoints
     checkpoint_every_s: float = field(default=60.0, metadata=NOHASH)  # or seconds, whichever first
     log_every: int = field(default=25, metadata=NOHASH)

@@ -240,12 +240,14 @@ class Engine:
         plugin = self.dataset(cfg.dataset, cfg)
         split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir)
         backbone = self.backbone(cfg.backbone, device)
+        backbone.set_compiled(False)  # a compiled block's deep copy would call the original's code
         if method_cls.modifies_backbone:
             backbone = copy.deepcopy(backbone)
         ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
                             dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)
         seed_everything(cfg.seed)
         method: Method = method_cls(cfg.params, backbone, ctx).to(device)
+        backbone.set_compiled(cfg.train.compile)  # after the method: LoRA edits the blocks first
         views = build_transforms(backbone.preprocess_cfg, cfg.data)
         n_trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
         train_info = {"steps": 0, "resumed_from_step": None, "train_seconds": 0.0}

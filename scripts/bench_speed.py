@@ -124,6 +124,7 @@ def bench_method(engine, cfg, opt: dict, args, log) -> dict:
     split = load_or_create(plugin, cfg.shots, cfg.seed, engine.results_dir)
     data_setup_s = time.time() - t0
     backbone = engine.backbone(cfg.backbone, device)
+    backbone.set_compiled(False)  # as the engine: never deep-copy compiled blocks
     if method_cls.modifies_backbone:
         backbone = copy.deepcopy(backbone)
     ctx = MethodContext(classnames=split.id_classnames, template=plugin.template, dataset=cfg.dataset,
@@ -134,6 +135,7 @@ def bench_method(engine, cfg, opt: dict, args, log) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     rss_reset = reset_peak_rss()
     method = method_cls(cfg.params, backbone, ctx).to(device)
+    backbone.set_compiled(cfg.train.compile)  # --compile: the warm-up steps pay the compilation
     views = build_transforms(backbone.preprocess_cfg, cfg.data)
     tc, sc = cfg.train, cfg.ssl
     out = {"method": cfg.method, "trains": method_cls.trains, "data_setup_s": round(data_setup_s, 2)}
@@ -207,9 +209,11 @@ def bench_method(engine, cfg, opt: dict, args, log) -> dict:
             step(b, n_steps + i)
         sync()
         compute = (time.perf_counter() - t) / args.steps
+        backbone.set_compiled(False)  # count the FLOPs of the eager graph
         with FlopCounterMode(display=False) as fc:
             step(timed[0], 2 * n_steps)
         flops = float(fc.get_total_flops())
+        backbone.set_compiled(cfg.train.compile)
         per_step = tc.batch_size + (sc.unlabeled_batch_size if want_u else 0)
         peak = peak_flops(device, cuda and cfg.train.amp in ("auto", "bf16"), args.peak_tflops)
         out.update({
@@ -283,6 +287,8 @@ def resolve_cfg(method: str, args, experiment: dict, optimised: bool):
     amp = "off" if not optimised else args.amp
     if amp:  # in the tree, not via --set: YAML would read a bare `off` as false
         tree.setdefault("train", {})["amp"] = amp
+    if optimised and args.compile:
+        tree.setdefault("train", {})["compile"] = True
     cfg = resolve(METHODS.get(method), args.dataset, args.shots, args.seed, exp, sets)
     return cfg
 
@@ -376,6 +382,7 @@ def main(argv=None) -> int:
     p.add_argument("--image-cache", type=int, default=256,
                    help="decoded-image cache short side for real datasets in the optimised path (0: off)")
     p.add_argument("--amp", default=None, help="train.amp of the optimised path (default: the config's, auto)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone blocks in the optimised path")
     p.add_argument("--compare", action="store_true", help="also run the unoptimised path and print ratios")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU peak (TFLOP/s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")

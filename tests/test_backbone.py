@@ -128,3 +128,30 @@ def test_bad_pretrained_path_is_a_clear_error():
         CLIPBackbone.load(BackboneConfig(model="ViT-B-16", pretrained="/nonexistent/clip.pt"))
     with pytest.raises(UnknownNameError, match="ViT-B-16"):
         CLIPBackbone.load(BackboneConfig(model="ViT-B-61", pretrained=""))
+
+
+def test_compiled_blocks_agree_and_uncompile_for_copies(images):
+    """train.compile: compiled blocks give the eager features; switching off restores the eager
+    call, so a deep copy (LoRA's private backbone) runs its own blocks, not the original's."""
+    import copy
+
+    from benchmark.backbone import BackboneConfig, CLIPBackbone
+    from conftest import MICRO, MICRO_CKPT
+
+    bb = CLIPBackbone.load(BackboneConfig(model=MICRO, pretrained=MICRO_CKPT))  # private: we edit it
+    prompts = torch.randn(images.shape[0], 2, bb.vision_width)
+    with torch.no_grad():
+        eager = bb.encode_image(images, prompts=prompts, return_patches=True)
+        bb.set_compiled(True, backend="aot_eager")  # the wiring; inductor needs a C++ toolchain
+        blk = bb.model.visual.transformer.resblocks[0]
+        assert blk._compiled_call_impl is not None
+        comp = bb.encode_image(images, prompts=prompts, return_patches=True)
+        torch.testing.assert_close(comp.pooled, eager.pooled, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(comp.patches, eager.patches, rtol=1e-5, atol=1e-5)
+        bb.set_compiled(False)
+        assert all(b._compiled_call_impl is None for b in bb.model.visual.transformer.resblocks)
+        twin = copy.deepcopy(bb)
+        with torch.no_grad():
+            twin.model.visual.transformer.resblocks[-1].mlp.c_proj.weight.zero_()
+        changed = twin.encode_image(images).pooled
+        assert not torch.allclose(changed, bb.encode_image(images).pooled)
