@@ -526,6 +526,16 @@ class CLIPBackbone(nn.Module):
         (prompts, deep prompts, value path), which a whole-model compile would never see. Weights
         and the state dict are untouched; the first call of each shape pays the compilation."""
         blocks = list(self.model.visual.transformer.resblocks) + list(self.model.transformer.resblocks)
+        if on:
+            # every block shares one forward code object, traced again for each grad mode, token
+            # count (prompts) and batch shape: dynamo's default limit of 8 variants would silently
+            # fall back to eager for most of them (measured on an H100)
+            import torch._dynamo
+
+            dcfg = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dcfg, name):
+                    setattr(dcfg, name, max(getattr(dcfg, name), 64))
         for blk in blocks:
             if on and getattr(blk, "_compiled_call_impl", None) is None:
                 blk.compile(backend=backend)
