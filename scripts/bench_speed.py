@@ -26,7 +26,9 @@ engine counts them: over the labeled or the unlabeled set) x the end-to-end step
 ``--compare`` runs every method twice: the optimised path (bf16 autocast on CUDA, ``--num-workers``
 loader workers with pinned memory, the decoded-image cache for real datasets, cached features for
 frozen-encoder evaluation) and the unoptimised one (fp32, no workers, JPEG decoding every step,
-image-encoder forward at evaluation), and prints the ratios.
+image-encoder forward at evaluation), and prints the ratios. ``--compile`` adds ``torch.compile`` of
+the backbone blocks (``train.compile``) to the optimised path; run the script with and without it
+to compare (the warm-up steps pay the compilation; FLOPs are counted on the eager graph).
 """
 from __future__ import annotations
 
