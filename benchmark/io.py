@@ -37,7 +37,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def atomic_torch_save(path: Path, obj: Any) -> None:
     import torch
 
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    def w(tmp: str) -> None:
+        # through a file object: torch.save names the zip records after a *path* (here the random
+        # temporary name), which would make identical weights hash differently on every save
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    _atomic(path, w)
 
 
 def atomic_savez(path: Path, **arrays) -> None:
