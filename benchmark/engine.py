@@ -169,6 +169,14 @@ class Engine:
             self._backbones[key] = CLIPBackbone.load(bcfg, device=device)
         return self._backbones[key]
 
+    def backbone_for(self, method_cls, bcfg: BackboneConfig, device: torch.device) -> CLIPBackbone:
+        """The backbone a method gets: the shared one, or a private deep copy for methods that edit
+        its modules (``modifies_backbone``). Always uncompiled: a compiled block's deep copy would
+        call the original block's code; ``set_compiled(train.compile)`` goes after the method is built."""
+        backbone = self.backbone(bcfg, device)
+        backbone.set_compiled(False)
+        return copy.deepcopy(backbone) if method_cls.modifies_backbone else backbone
+
     def dataset(self, name: str, cfg: RunConfig):
         key = (name, cfg.data.root, json.dumps(cfg.data.options, sort_keys=True))
         if key not in self._datasets:
@@ -239,10 +247,7 @@ class Engine:
         method_cls = METHODS.get(cfg.method)
         plugin = self.dataset(cfg.dataset, cfg)
         split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir)
-        backbone = self.backbone(cfg.backbone, device)
-        backbone.set_compiled(False)  # a compiled block's deep copy would call the original's code
-        if method_cls.modifies_backbone:
-            backbone = copy.deepcopy(backbone)
+        backbone = self.backbone_for(method_cls, cfg.backbone, device)
         ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
                             dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)
         seed_everything(cfg.seed)

@@ -125,10 +125,7 @@ def bench_method(engine, cfg, opt: dict, args, log) -> dict:
     plugin = engine.dataset(cfg.dataset, cfg)
     split = load_or_create(plugin, cfg.shots, cfg.seed, engine.results_dir)
     data_setup_s = time.time() - t0
-    backbone = engine.backbone(cfg.backbone, device)
-    backbone.set_compiled(False)  # as the engine: never deep-copy compiled blocks
-    if method_cls.modifies_backbone:
-        backbone = copy.deepcopy(backbone)
+    backbone = engine.backbone_for(method_cls, cfg.backbone, device)
     ctx = MethodContext(classnames=split.id_classnames, template=plugin.template, dataset=cfg.dataset,
                         shots=cfg.shots, seed=cfg.seed)
     if cuda:
