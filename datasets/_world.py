@@ -3,12 +3,12 @@
 Each family (dogs, cars, birds, aircraft) has three attributes with four values each:
 
 * ``colour``: the body colour (a global cue, shared by many classes);
-* ``marker``: a small shape at one end of the object (ears, badge, crest, tail fin): a local cue
-  covering a few patches;
+* ``marker``: the colour of a small part at one end of the object (ears, badge, crest, tail fin):
+  a local cue covering a few patches, like the "red-winged" or "yellow-headed" of real bird names;
 * ``pattern``: the texture on the body (plain, striped, spotted, checkered): a local cue.
 
 A class is one (colour, marker, pattern) combination; its name is an attribute phrase such as
-"golden striped floppy-eared dog". A benchmark dataset has ``2 * n_known`` classes: the first half are
+"golden striped crimson-eared dog". A benchmark dataset has ``2 * n_known`` classes: the first half are
 the known (ID) classes; OOD class ``n_known + j`` is ID class ``j`` with its marker (even j) or its
 pattern (odd j) changed, a near duplicate ("hard unknown"). Position, scale, rotation, background
 clutter, colour jitter and pixel noise vary more than the class cue.
@@ -28,11 +28,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SIZE = 48  # output image size (the tiny CLIP's input size)
-MARKER_SCALE = 0.2  # marker radius relative to the object's half-size (pretraining and benchmark)
+MARKER_SCALE = 0.3  # part radius relative to the object's half-size (pretraining and benchmark)
 CANVAS = 96  # drawn at 2x then downsampled
 
 PATTERNS = ("plain", "striped", "spotted", "checkered")
-MARKER_SHAPES = ("triangle", "circle", "square", "bar")
+MARKER_SHAPES = ("triangle", "circle", "square", "bar")  # part outlines (and background clutter)
+# the four part colours (the ``marker`` attribute); their words are used by no body colour
+MARKER_COLOURS = (("crimson", (200, 20, 60)), ("lime", (150, 230, 30)), ("cyan", (30, 215, 230)),
+                  ("magenta", (225, 40, 215)))
 
 
 @dataclass(frozen=True)
@@ -40,31 +43,35 @@ class Family:
     key: str
     noun: str
     colours: Tuple[Tuple[str, Tuple[int, int, int]], ...]
-    marker_words: Tuple[str, ...]  # one word per MARKER_SHAPES entry
-    accent: Tuple[int, int, int]  # marker colour, distinct from every body colour
+    part: str  # the marked part's adjective ("eared"); marker words are "<part colour>-<part>"
+    part_shape: str  # the part's outline, one of MARKER_SHAPES
     template: str
+
+    @property
+    def marker_words(self) -> Tuple[str, ...]:
+        return tuple(f"{name}-{self.part}" for name, _ in MARKER_COLOURS)
 
 
 FAMILIES: Dict[str, Family] = {
     "dogs": Family("dogs", "dog",
                    (("black", (45, 42, 40)), ("brown", (125, 78, 42)), ("white", (232, 230, 220)),
                     ("golden", (214, 168, 72))),
-                   ("pointy-eared", "round-eared", "square-eared", "flat-eared"), (205, 35, 60),
+                   "eared", "triangle",
                    "a photo of a {}, a type of dog."),
     "cars": Family("cars", "car",
                    (("red", (196, 40, 38)), ("blue", (40, 70, 190)), ("silver", (185, 188, 195)),
                     ("green", (40, 140, 60))),
-                   ("triangle-badged", "round-badged", "square-badged", "bar-badged"), (250, 215, 30),
+                   "badged", "circle",
                    "a photo of a {}."),
     "birds": Family("birds", "bird",
                     (("grey", (128, 128, 132)), ("yellow", (230, 205, 50)), ("blue", (60, 110, 205)),
                      ("brown", (130, 85, 45))),
-                    ("crested", "capped", "hooded", "tufted"), (215, 30, 40),
+                    "crested", "triangle",
                     "a photo of a {}, a type of bird."),
     "aircraft": Family("aircraft", "aircraft",
                        (("white", (236, 236, 236)), ("grey", (125, 128, 135)), ("orange", (235, 120, 35)),
                         ("navy", (30, 40, 100))),
-                       ("delta-finned", "round-finned", "square-finned", "swept-finned"), (40, 170, 80),
+                       "finned", "square",
                        "a photo of a {}, a type of aircraft."),
 }
 
@@ -207,7 +214,7 @@ def render(family: str, combo: Combo, rng: np.random.Generator, difficulty: floa
                         pd.rectangle([x, y, x + step, y + step], fill=pc)
         mask = layer.split()[3]
         layer.paste(pat, (0, 0), Image.composite(pat, Image.new("RGBA", pat.size), mask).split()[3])
-    _shape(ld, MARKER_SHAPES[m], o + mx * S, o + my * S, S * marker_scale, fam.accent + (255,))
+    _shape(ld, fam.part_shape, o + mx * S, o + my * S, S * marker_scale, MARKER_COLOURS[m][1] + (255,))
     if rng.random() < 0.5:
         layer = layer.transpose(Image.FLIP_LEFT_RIGHT)
     layer = layer.rotate(float(rng.uniform(-35, 35)), resample=Image.BICUBIC)

@@ -15,7 +15,7 @@ class _Synthetic(DatasetPlugin):
     needs_root = False
 
     def __init__(self, root=None, n_known: int = 12, train_per_class: int = 30,
-                 test_per_class: int = 15, seed: int = 0, difficulty: float = 2.2,
+                 test_per_class: int = 15, seed: int = 0, difficulty: float = 3.0,
                  cast=(1.2, 0.95, 0.75), marker_scale: float = W.MARKER_SCALE):
         # difficulty (noise and colour jitter) and cast (a per-channel gain: the benchmark "camera")
         # make the benchmark images a domain shift from the pretraining images, as real
