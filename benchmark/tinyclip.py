@@ -41,7 +41,7 @@ def tiny_clip_checkpoint(path: Optional[Path] = None) -> Path:
     path = Path(path) if path is not None else CHECKPOINT
     if not path.exists() or not RECORD.exists():
         raise BenchmarkError(f"the tiny CLIP checkpoint {path} (or its record {RECORD}) is missing. "
-                             f"Regenerate it with `{REGENERATE}` (about 15 minutes on 2 CPU cores), "
+                             f"Regenerate it with `{REGENERATE}` (about 8 minutes on 2 CPU cores), "
                              f"or restore it with `git checkout -- assets/tinyclip`.")
     expected = json.loads(RECORD.read_text())["sha256"]
     actual = file_sha256(path)
