@@ -56,40 +56,59 @@ BANDS = {"zs_acc": (25.0, 75.0), "zs_auroc": (55.0, 85.0), "probe_gain": (5.0, f
 EMBEDDED_DATASETS = ("synth_dogs", "synth_cars", "synth_cub", "synth_aircraft")
 
 
+def calibration_backbone(checkpoint: Optional[Path] = None, device: str = "cpu"):
+    """The tiny CLIP (committed, or ``checkpoint``) and its test transform."""
+    from .backbone import BackboneConfig, CLIPBackbone
+    from .config import DataConfig
+    from .loader import build_transforms
+
+    bb = CLIPBackbone.load(BackboneConfig(pretrained=str(checkpoint) if checkpoint else "embedded"), device=device)
+    return bb, build_transforms(bb.preprocess_cfg, DataConfig())["test"]
+
+
+def image_features(bb, transform, split, idx):
+    """L2-normalised pooled image features [N, E] (CPU, fp32) of ``split`` images ``idx``."""
+    import torch
+    import torch.nn.functional as F
+
+    from .loader import eval_loader
+
+    with torch.no_grad():
+        return torch.cat([F.normalize(bb.encode_image(b["test"].to(bb.device)).pooled, dim=-1).float().cpu()
+                          for b in eval_loader(split, idx, transform, 256)])
+
+
+def text_features(bb, template: str, names):
+    """L2-normalised text features [len(names), E] (CPU, fp32) of ``template.format(name)``."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        return F.normalize(bb.encode_text(bb.tokenize([template.format(c) for c in names]).to(bb.device)),
+                           dim=-1).float().cpu()
+
+
 def calibrate(datasets=EMBEDDED_DATASETS, shots: int = 20, seed: int = 1, checkpoint: Optional[Path] = None,
               device: str = "cpu", dataset_options: Optional[dict] = None) -> dict:
     """Per dataset: zero-shot ID accuracy, zero-shot ID-vs-OOD AUROC (max softmax) and the accuracy
     of a ``shots``-shot logistic-regression probe on frozen image features, all in percent."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
     from sklearn.linear_model import LogisticRegression
 
-    from .backbone import BackboneConfig, CLIPBackbone
-    from .config import DataConfig
-    from .loader import build_transforms, eval_loader
     from .metrics import auroc
     from .protocol import build_manifest, num_known
     from .registry import DATASETS
 
-    bb = CLIPBackbone.load(BackboneConfig(pretrained=str(checkpoint) if checkpoint else "embedded"), device=device)
-    tf = build_transforms(bb.preprocess_cfg, DataConfig())["test"]
-
-    def encode(split, idx):
-        with torch.no_grad():
-            return torch.cat([F.normalize(bb.encode_image(b["test"].to(bb.device)).pooled, dim=-1).float().cpu()
-                              for b in eval_loader(split, idx, tf, 256)])
-
+    bb, tf = calibration_backbone(checkpoint, device)
     out = {}
     for name in datasets:
         plugin = DATASETS.get(name)(**(dataset_options or {}))
         names = plugin.classnames()
         K = num_known(len(names))
         train, test = plugin.load("train"), plugin.load("test")
-        ft = encode(test, np.arange(len(test)))
-        with torch.no_grad():
-            text = F.normalize(bb.encode_text(bb.tokenize([plugin.template.format(c) for c in names[:K]]).to(bb.device)),
-                               dim=-1).float().cpu()
+        ft = image_features(bb, tf, test, np.arange(len(test)))
+        text = text_features(bb, plugin.template, names[:K])
         logits = (float(bb.logit_scale) * ft @ text.t()).numpy()
         y = test.labels
         idm = y < K
@@ -99,7 +118,7 @@ def calibrate(datasets=EMBEDDED_DATASETS, shots: int = 20, seed: int = 1, checkp
         man = build_manifest(name, names, train, test, shots, seed)
         pos = {sid: i for i, sid in enumerate(train.ids)}
         lab_idx = np.array([pos[s] for s, _ in man["labeled"]])
-        fl = encode(train, lab_idx).numpy()
+        fl = image_features(bb, tf, train, lab_idx).numpy()
         clf = LogisticRegression(C=10.0, max_iter=2000).fit(fl, train.labels[lab_idx])
         probe = float((clf.predict(ft.numpy()[idm]) == y[idm]).mean()) * 100
         out[name] = {"zs_acc": round(zs_acc, 2), "zs_auroc": round(zs_auroc, 2),

@@ -76,6 +76,13 @@ FAMILIES: Dict[str, Family] = {
 }
 
 Combo = Tuple[int, int, int]  # (colour index, marker index, pattern index)
+ALL_COMBOS: Tuple[Combo, ...] = tuple((c, m, p) for c in range(4) for m in range(4) for p in range(4))
+
+
+def combo_index(combo: Combo) -> int:
+    """Position of ``combo`` in ALL_COMBOS."""
+    c, m, p = combo
+    return c * 16 + m * 4 + p
 
 
 def class_name(fam: Family, combo: Combo) -> str:
@@ -87,12 +94,11 @@ def class_name(fam: Family, combo: Combo) -> str:
 def benchmark_classes(family: str, n_known: int = 12, seed: int = 0) -> Tuple[Combo, ...]:
     """The dataset's classes in canonical order: n_known ID combos, then their OOD twins."""
     rng = np.random.default_rng([seed, list(FAMILIES).index(family)])
-    all_combos = [(c, m, p) for c in range(4) for m in range(4) for p in range(4)]
-    order = rng.permutation(len(all_combos))
+    order = rng.permutation(len(ALL_COMBOS))
     ids: List[Combo] = []
     used = set()
     for i in order:
-        combo = all_combos[i]
+        combo = ALL_COMBOS[i]
         if len(ids) == n_known:
             break
         ids.append(combo)
@@ -113,7 +119,7 @@ def benchmark_classes(family: str, n_known: int = 12, seed: int = 0) -> Tuple[Co
 
 def pretraining_combos(family: str, n_known: int = 12, seed: int = 0) -> List[Combo]:
     excluded = set(benchmark_classes(family, n_known, seed))
-    return [(c, m, p) for c in range(4) for m in range(4) for p in range(4) if (c, m, p) not in excluded]
+    return [c for c in ALL_COMBOS if c not in excluded]
 
 
 # -- drawing ---------------------------------------------------------------------------------------

@@ -25,33 +25,25 @@ from benchmark.tinyclip import EMBEDDED_DATASETS, calibrate, format_calibration,
 
 def attribute_probe(checkpoint=None, dataset_options=None, datasets=EMBEDDED_DATASETS) -> dict:
     import numpy as np
-    import torch
-    import torch.nn.functional as F
 
     import _world as W
-    from benchmark.backbone import BackboneConfig, CLIPBackbone
-    from benchmark.config import DataConfig
-    from benchmark.loader import build_transforms, eval_loader
     from benchmark.registry import DATASETS
+    from benchmark.tinyclip import calibration_backbone, image_features, text_features
 
-    bb = CLIPBackbone.load(BackboneConfig(pretrained=str(checkpoint) if checkpoint else "embedded"))
-    tf = build_transforms(bb.preprocess_cfg, DataConfig())["test"]
-    combos = [(c, m, p) for c in range(4) for m in range(4) for p in range(4)]
+    bb, tf = calibration_backbone(checkpoint)
     out = {}
     for name in datasets:
         plugin = DATASETS.get(name)(**(dataset_options or {}))
         fam = W.FAMILIES[plugin.family]
         test = plugin.load("test")
         truth = np.array(W.benchmark_classes(plugin.family, plugin.n_known, plugin.seed))[test.labels]
-        with torch.no_grad():
-            img = torch.cat([F.normalize(bb.encode_image(b["test"]).pooled, dim=-1)
-                             for b in eval_loader(test, np.arange(len(test)), tf, 256)])
-            txt = F.normalize(bb.encode_text(bb.tokenize(
-                [plugin.template.format(W.class_name(fam, c)) for c in combos])), dim=-1)
+        img = image_features(bb, tf, test, np.arange(len(test)))
+        txt = text_features(bb, plugin.template, [W.class_name(fam, c) for c in W.ALL_COMBOS])
         sim = (img @ txt.t()).numpy()
         row = {}
         for a, attr in enumerate(("colour", "marker", "pattern")):
-            cand = np.array([[combos.index(tuple(v if j != a else k for j, v in enumerate(t))) for k in range(4)]
+            # the four phrases that differ from the image's own class in attribute a only
+            cand = np.array([[W.combo_index(tuple(k if j == a else v for j, v in enumerate(t))) for k in range(4)]
                              for t in truth])
             pred = np.take_along_axis(sim, cand, 1).argmax(1)
             row[attr] = round(float((pred == truth[:, a]).mean()) * 100, 2)

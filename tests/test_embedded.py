@@ -23,7 +23,6 @@ def test_render_is_deterministic():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-
 @pytest.mark.parametrize("family", list(W.FAMILIES))
 def test_marker_is_a_local_cue(family):
     """Two classes that differ only in the marker (the part colour) differ in a few patches of the
@@ -36,6 +35,8 @@ def test_marker_is_a_local_cue(family):
         per_patch = changed.reshape(W.SIZE // patch, patch, W.SIZE // patch, patch).any((1, 3))
         assert 1 <= per_patch.sum() <= 9, per_patch.sum()  # of 36 patches
         assert changed.mean() < 0.08  # of the pixels
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_datasets_sizes_names_and_hard_unknowns(name):
     ds = DATASETS.get(name)()
