@@ -46,7 +46,7 @@ def _family_pool(args):
     for i in range(per_family):
         combo = allowed[i % len(allowed)]
         imgs.append(W.render(fam, combo, rng, marker_scale=marker_scale))
-        combos.append(fi * 64 + combo[0] * 16 + combo[1] * 4 + combo[2])
+        combos.append(fi * len(W.ALL_COMBOS) + W.combo_index(combo))
     return imgs, combos
 
 
@@ -120,7 +120,7 @@ def main(argv=None):
         if rng.random() < 0.5:
             x = x.flip(-1)
         x = (x - mean) / std
-        caps = [W.captions(fams[i], _combo(combos[i]), rng) for i in idx]
+        caps = [W.captions(fams[i], W.ALL_COMBOS[int(combos[i]) % len(W.ALL_COMBOS)], rng) for i in idx]
         t = tok(caps).to(dev)
         fi = F.normalize(model.encode_image(x), dim=-1)
         ft = F.normalize(model.encode_text(t), dim=-1)
@@ -170,11 +170,6 @@ def main(argv=None):
             record["calibration"] = cal
             atomic_write_json(RECORD, record)
     print(json.dumps({k: v for k, v in record.items() if k != "calibration"}, indent=1))
-
-
-def _combo(code: int):
-    code = int(code) % 64
-    return (code // 16, code // 4 % 4, code % 4)
 
 
 if __name__ == "__main__":
