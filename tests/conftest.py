@@ -15,7 +15,8 @@ import torch  # noqa: E402
 
 MICRO = "test-micro-vit"
 open_clip.add_model_config(str(TESTS / "assets" / f"{MICRO}.json"))
-torch.set_num_threads(2)
+# OSSL_TEST_THREADS: threads per test process (2 = this machine's cores; 1 when several run at once)
+torch.set_num_threads(int(os.environ.get("OSSL_TEST_THREADS", "2")))
 
 
 def _micro_checkpoint() -> str:
