@@ -35,7 +35,7 @@ from .backbone import BackboneConfig, CLIPBackbone
 from .config import RunConfig, cell_hash, config_hash, to_dict
 from .errors import BenchmarkError, ConfigError, ResultExistsError
 from .io import atomic_savez, atomic_torch_save, atomic_write_json
-from .loader import FeatureCache, StepBatches, build_transforms, eval_loader, stream_loader
+from .loader import FeatureCache, StepBatches, ViewBatch, build_transforms, eval_loader, stream_loader
 from .method import Batch, Method, MethodContext, Prediction, StepState
 from .metrics import compute_all
 from .protocol import OSSLSplit, load_or_create
@@ -396,15 +396,7 @@ class Engine:
         return {"steps": total, "resumed_from_step": resumed, "train_seconds": train_seconds}
 
     def _to_batch(self, xb, unl, device, split) -> Batch:
-        # true labels of unlabeled images are dropped here: methods never see them
-        y = xb.pop("__y__")
-        batch = Batch(x={k: v.to(device, non_blocking=True) for k, v in xb.items()},
-                      y=y.to(device))
-        if unl is not None:
-            ub = next(unl)
-            ub.pop("__y__", None)
-            batch.u = {k: v.to(device, non_blocking=True) for k, v in ub.items()}
-        return batch
+        return make_batch(xb, next(unl) if unl is not None else None, split, device)
 
     def _checkpoint(self, path, chash, method, opt, step, train_seconds) -> None:
         atomic_torch_save(path, {
@@ -471,6 +463,21 @@ class Engine:
 
     def _metrics(self, cfg, preds: dict, K: int):
         return metrics_from_predictions(preds, K, cfg.eval.known_score, cfg.eval.id_recall)
+
+
+def make_batch(lab: ViewBatch, unl: Optional[ViewBatch], split: OSSLSplit, device) -> Batch:
+    """A method's :class:`Batch` from the labeled (and unlabeled) loader batches: images on
+    ``device``, sample ids of both streams, labels for the labeled images only (the true labels of
+    unlabeled images never reach a method)."""
+    ids = split.train.ids
+    idx = lab.index.tolist()
+    batch = Batch(x={k: v.to(device, non_blocking=True) for k, v in lab.views.items()},
+                  y=torch.from_numpy(split.train.labels[idx]).to(device),
+                  ids=[ids[i] for i in idx])
+    if unl is not None:
+        batch.u = {k: v.to(device, non_blocking=True) for k, v in unl.views.items()}
+        batch.u_ids = [ids[i] for i in unl.index.tolist()]
+    return batch
 
 
 def metrics_from_predictions(preds, K: int, known_score: str = "auto", id_recall: float = 0.95):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -49,8 +50,26 @@ def sample_seed(*key: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint32)[0])
 
 
+@dataclass
+class ViewBatch:
+    """What a loader yields: the images of each requested view and the samples' positions in the
+    :class:`Split` (``index``; ``split.ids[i]`` is the sample id, ``split.labels[i]`` its label).
+    Labels are not carried: the engine attaches them to the labeled stream only. ``batch["test"]``
+    reads a view."""
+
+    views: Dict[str, torch.Tensor]
+    index: torch.Tensor  # int64 [B], positions in the split
+
+    def __getitem__(self, view: str) -> torch.Tensor:
+        return self.views[view]
+
+    def pin_memory(self) -> "ViewBatch":  # called by DataLoader(pin_memory=True)
+        return ViewBatch({k: v.pin_memory() for k, v in self.views.items()}, self.index.pin_memory())
+
+
 class ViewDataset(Dataset):
-    """Items are ``(index, aug_seed)`` pairs; returns ``{view: tensor}`` for the requested views."""
+    """Items are ``(index, aug_seed)`` pairs; returns ``({view: tensor}, index)`` for the requested
+    views."""
 
     def __init__(self, split: Split, views: Dict[str, Callable]):
         self.split = split
@@ -59,7 +78,7 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, item) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, item) -> Tuple[Dict[str, torch.Tensor], int]:
         idx, seed = item if isinstance(item, tuple) else (item, 0)
         img = self.split.image(int(idx))
         with torch.random.fork_rng(devices=[]):
@@ -67,8 +86,7 @@ class ViewDataset(Dataset):
             # queue a CUDA reseed with a stack trace per call (slow, and not restored by fork_rng)
             torch.default_generator.manual_seed(seed)
             out = {name: t(img) for name, t in self.views.items()}
-        out["__y__"] = torch.tensor(int(self.split.labels[int(idx)]))
-        return out
+        return out, int(idx)
 
 
 class StepBatches:
@@ -103,8 +121,9 @@ class StepBatches:
         return self.stop - self.start
 
 
-def _collate(items: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+def _collate(items: List[Tuple[Dict[str, torch.Tensor], int]]) -> ViewBatch:
+    views = {k: torch.stack([v[k] for v, _ in items]) for k in items[0][0]}
+    return ViewBatch(views, torch.tensor([i for _, i in items], dtype=torch.int64))
 
 
 def stream_loader(split: Split, indices: np.ndarray, views: Dict[str, Callable], batch_size: int,

@@ -50,11 +50,18 @@ class MethodContext:
 
 @dataclass
 class Batch:
-    """One training step's data. ``x``/``u`` map a view name ("weak", "strong", "test") to images."""
+    """One training step's data. ``x``/``u`` map a view name ("weak", "strong", "test") to images.
+
+    ``ids`` / ``u_ids`` are the sample ids of the labeled / unlabeled images, in batch order: the
+    dataset's stable ids (``Split.ids``, the strings of the split manifest; relative image paths on
+    real data), so a method can keep per-sample state (memory banks, pseudo-label histories) and the
+    engine can key per-sample caches on them. Unlabeled images come without labels."""
 
     x: Dict[str, Tensor]
-    y: Tensor
+    y: Tensor  # [B] labels in [0, K) of the labeled images
     u: Optional[Dict[str, Tensor]] = None
+    ids: List[str] = field(default_factory=list)  # [B] sample ids of x's images
+    u_ids: Optional[List[str]] = None  # [Bu] sample ids of u's images (None without u)
 
 
 @dataclass

@@ -100,19 +100,15 @@ def peak_rss_mb() -> float:
 
 
 # -- one method, one path ---------------------------------------------------------------------------
-def _to_device(xb: dict, device, non_blocking: bool) -> dict:
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in xb.items()}
-
-
 def bench_method(engine, cfg, opt: dict, args, log) -> dict:
     """Time one method under ``cfg`` (already resolved, path options applied)."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmark.engine import autocast_for, lr_at, make_optimizer, resolve_device
+    from benchmark.engine import autocast_for, lr_at, make_batch, make_optimizer, resolve_device
     from benchmark.loader import StepBatches, build_transforms, eval_loader, stream_loader
-    from benchmark.method import Batch, MethodContext, StepState
+    from benchmark.method import MethodContext, StepState
     from benchmark.protocol import load_or_create
     from benchmark.registry import METHODS
     from benchmark.ssl import fixmatch_loss
@@ -165,14 +161,7 @@ def bench_method(engine, cfg, opt: dict, args, log) -> dict:
         method.train()
 
         def fetch():
-            xb = next(lab)
-            y = xb.pop("__y__")
-            batch = Batch(x=_to_device(xb, device, pin), y=y.to(device))
-            if unl is not None:
-                ub = next(unl)
-                ub.pop("__y__", None)
-                batch.u = _to_device(ub, device, pin)
-            return batch
+            return make_batch(next(lab), next(unl) if unl is not None else None, split, device)
 
         def step(batch, i, backward=True):
             state = StepState(step=i, total_steps=total_real, epoch=i // spe, steps_per_epoch=spe)
