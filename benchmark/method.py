@@ -157,7 +157,15 @@ class Method(nn.Module):
             return F.normalize(self.backbone.encode_text(self.backbone.tokenize(texts)), dim=-1)
 
     def class_prompts(self) -> List[str]:
-        return [self.ctx.template.format(c) for c in self.ctx.classnames]
+        return [self.ctx.template.format(prompt_classname(c)) for c in self.ctx.classnames]
+
+
+def prompt_classname(name: str) -> str:
+    """The text a class name puts into a prompt: every ``_`` becomes a space, as every official
+    implementation does before tokenising (CoOp / LoCoOp / PLOT / MaPLe ``PromptLearner``,
+    CLIP-Adapter's and CLIP-LoRA's text classifiers). The one place that does it for every method:
+    hand-crafted templates (:meth:`Method.class_prompts`), CLIP-LoRA and the prompt learners."""
+    return name.replace("_", " ")
 
 
 def softmax_scores(logits: Tensor, scale: Tensor | float) -> Dict[str, Tensor]:

@@ -24,12 +24,13 @@ import torch
 import torch.nn as nn
 
 from benchmark.errors import ConfigError
+from benchmark.method import prompt_classname
 
 Tensor = torch.Tensor
 
 
 def clean_classname(name: str) -> str:
-    return name.replace("_", " ")  # as every official PromptLearner does
+    return prompt_classname(name)  # "_" -> " ", as every official PromptLearner does
 
 
 def check_ctx_init_words(method: str, n_ctx: int, ctx_init: Union[str, Sequence[str]]) -> None:

@@ -6,6 +6,8 @@ from typing import List
 import torch
 import torch.nn as nn
 
+from benchmark.method import prompt_classname
+
 
 class ContextPrompts(nn.Module):
     """n learnable context vectors shared by all classes, class name at the end.
@@ -18,7 +20,7 @@ class ContextPrompts(nn.Module):
         super().__init__()
         self._bb = [backbone]  # a list: not registered as a submodule (the method owns it)
         placeholder = " ".join(["X"] * n_ctx)
-        tokens = backbone.tokenize([f"{placeholder} {name}." for name in classnames])
+        tokens = backbone.tokenize([f"{placeholder} {prompt_classname(name)}." for name in classnames])
         with torch.no_grad():
             emb = backbone.token_embedding(tokens)
             if init:

@@ -19,7 +19,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from benchmark.method import Method, Prediction, StepOutput, softmax_scores
+from benchmark.method import Method, Prediction, StepOutput, prompt_classname, softmax_scores
 from benchmark.registry import register_method
 
 from ._lora import LoRAAttention, apply_lora
@@ -55,8 +55,8 @@ class CLIPLoRA(Method):
         template = cfg.template or ctx.template
         if "{}" not in template:
             raise ValueError(f"clip_lora.params.template needs a '{{}}' for the class name, got {template!r}")
-        self.register_buffer("tokens", backbone.tokenize([template.format(c) for c in ctx.classnames]),
-                             persistent=False)
+        prompts = [template.format(prompt_classname(c)) for c in ctx.classnames]
+        self.register_buffer("tokens", backbone.tokenize(prompts), persistent=False)
         self._eval_text = None
 
     # -- modes: LoRA merged for eval, unmerged for training ----------------------------------------
