@@ -54,7 +54,9 @@ class TrainConfig:
     lr_min: float = 0.0
     # Dassl steps the schedule once per epoch; CLIP-LoRA once per iteration
     schedule_unit: str = "epoch"  # epoch | iteration
-    warmup_epochs: int = 1  # Dassl: one warm-up epoch at a constant lr
+    # Dassl: warm-up epochs at the constant warmup_lr; the cosine (T = all epochs) starts counting
+    # after them (ConstantWarmupScheduler, WARMUP_RECOUNT=True; see engine.lr_at)
+    warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     grad_clip: Optional[float] = None
     amp: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | off

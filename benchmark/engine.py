@@ -73,7 +73,17 @@ def autocast_for(device: torch.device, amp: str) -> Callable[[], contextlib.Abst
 
 
 def lr_at(step: int, total: int, spe: int, tc) -> float:
-    """Learning rate of step ``step``: Dassl's constant warm-up then cosine (or constant)."""
+    """Learning rate of step ``step``: Dassl's constant warm-up then cosine (or constant).
+
+    Dassl's counting (``build_lr_scheduler`` with its default ``WARMUP_RECOUNT=True``): a
+    ``CosineAnnealingLR(T_max=max_epoch)`` wrapped in ``ConstantWarmupScheduler(warmup_epoch W,
+    cons_lr)``, stepped once after every epoch. The wrapper hands over to the cosine only after
+    its W warm-up epochs, and the cosine's own count starts then, so epoch ``e`` (0-based) gets
+    ``warmup_lr`` for ``e < W`` and ``lr_min + (lr - lr_min)(1 + cos(pi (e - W) / max_epoch)) / 2``
+    after: the first epoch after warm-up runs at the full lr, and with W > 0 the last epoch stays
+    above ``lr_min`` (T_max is max_epoch, not max_epoch - W). With ``schedule_unit: iteration`` the
+    same holds per step (CLIP-LoRA: no warm-up, cosine over the iterations). Tested epoch by epoch
+    against PyTorch's own schedulers wrapped as Dassl does."""
     if tc.schedule_unit == "epoch":
         t, T, warm = step // spe, max(1, math.ceil(total / spe)), tc.warmup_epochs
     elif tc.schedule_unit == "iteration":
@@ -86,7 +96,7 @@ def lr_at(step: int, total: int, spe: int, tc) -> float:
         return tc.lr
     if tc.scheduler != "cosine":
         raise ConfigError(f"train.scheduler must be cosine or constant, got {tc.scheduler!r}")
-    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * t / T))
+    return tc.lr_min + 0.5 * (tc.lr - tc.lr_min) * (1 + math.cos(math.pi * (t - warm) / T))
 
 
 def make_optimizer(groups: List[dict], tc) -> torch.optim.Optimizer:
