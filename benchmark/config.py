@@ -146,7 +146,9 @@ def _hash_tree(cfg: RunConfig) -> Dict[str, Any]:
     from .registry import METHODS
 
     d = hashable_dict(cfg)
-    if not METHODS.get(cfg.method).trains:  # training settings cannot change a training-free run
+    # training settings cannot change a run of a class that never trains (a property that decides per
+    # instance keeps them in the hash: a needless rerun at worst, never a stale result)
+    if getattr(METHODS.get(cfg.method), "trains", True) is False:
         d.pop("train")
         d.pop("ssl")
     return d

@@ -35,8 +35,9 @@ from .backbone import BackboneConfig, CLIPBackbone
 from .config import RunConfig, cell_hash, config_hash, to_dict
 from .errors import BenchmarkError, ConfigError, ResultExistsError
 from .io import atomic_savez, atomic_torch_save, atomic_write_json
-from .loader import FeatureCache, StepBatches, ViewBatch, build_transforms, eval_loader, stream_loader
-from .method import Batch, Method, MethodContext, Prediction, StepState
+from .loader import (FeatureCache, StepBatches, ViewBatch, build_transforms, encode_augmented, eval_loader,
+                     stream_loader)
+from .method import Batch, LabeledSet, Method, MethodContext, Prediction, StepState, UnlabeledPool
 from .metrics import compute_all
 from .protocol import OSSLSplit, load_or_create
 from .registry import DATASETS, METHODS
@@ -264,12 +265,20 @@ class Engine:
         method: Method = method_cls(cfg.params, backbone, ctx).to(device)
         backbone.set_compiled(cfg.train.compile)  # after the method: LoRA edits the blocks first
         views = build_transforms(backbone.preprocess_cfg, cfg.data)
+        self._setup(cfg, method, split, views, device, autocast)
         n_trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
         train_info = {"steps": 0, "resumed_from_step": None, "train_seconds": 0.0}
-        if method_cls.trains:
+        if method.trains:
             if n_trainable == 0:
-                raise BenchmarkError(f"method {cfg.method!r} trains but has no trainable parameters")
+                raise BenchmarkError(f"method {cfg.method!r} trains but has no trainable parameters "
+                                     f"(a training-free method sets trains = False)")
             train_info = self._train(cfg, d, chash, method, split, views, device, autocast)
+        else:  # training-free: no optimiser, no loop, no checkpoint; learned buffers are still saved
+            method.eval()
+            method.after_train()
+            learned = method.learned_state_dict()
+            if learned:
+                atomic_torch_save(d / "learned.pt", learned)
         t_eval = time.time()
         preds = self._predict_all(cfg, method, backbone, split, views, device, autocast)
         metrics, by_score, primary = self._metrics(cfg, preds, split.K)
@@ -305,6 +314,32 @@ class Engine:
         atomic_write_json(d / "result.json", result)
         (d / "checkpoint.pt").unlink(missing_ok=True)
         return result
+
+    # -- setup --------------------------------------------------------------------------------
+    def _setup(self, cfg, method: Method, split: OSSLSplit, views, device, autocast) -> None:
+        """Call ``method.setup`` with the labeled set (ids, labels, cached frozen features when asked)
+        and, when declared, the unlabeled pool (ids and features, never labels)."""
+        shared = self.backbone(cfg.backbone, device)  # the frozen CLIP, never a method's edited copy
+        ids = split.train.ids
+        feats = None
+        if method.setup_features:
+            feats = self.features.get(shared, cfg.dataset, split.train, views["test"], cfg.eval.batch_size,
+                                      device, autocast, cfg.data.num_workers)
+
+        def augmented(rounds: int) -> torch.Tensor:
+            return encode_augmented(shared, split.train, split.labeled_idx, views["weak"], rounds, cfg.seed,
+                                    cfg.eval.batch_size, device, autocast, cfg.data.num_workers).to(device)
+
+        labeled = LabeledSet(ids=[ids[i] for i in split.labeled_idx],
+                             labels=torch.from_numpy(split.labeled_y).to(device),
+                             features=feats[split.labeled_idx].to(device) if feats is not None else None,
+                             augmented=augmented)
+        pool = None
+        if method.setup_unlabeled:
+            pool = UnlabeledPool(ids=[ids[i] for i in split.unlabeled_idx],
+                                 features=feats[split.unlabeled_idx].to(device) if feats is not None else None)
+        with torch.no_grad():
+            method.setup(labeled, pool)
 
     # -- training -----------------------------------------------------------------------------
     def _train(self, cfg, d, chash, method, split: OSSLSplit, views, device, autocast) -> dict:
@@ -401,6 +436,7 @@ class Engine:
         finally:
             logf.close()
         method.eval()
+        method.after_train()
         train_seconds += time.time() - t_start
         atomic_torch_save(d / "learned.pt", method.learned_state_dict())
         return {"steps": total, "resumed_from_step": resumed, "train_seconds": train_seconds}

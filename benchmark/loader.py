@@ -21,7 +21,7 @@ from torchvision import transforms as T
 from .data import Split
 from .io import atomic_torch_save
 
-STREAMS = {"labeled": 1, "unlabeled": 2}
+STREAMS = {"labeled": 1, "unlabeled": 2, "setup": 3}  # "setup": augmented views served to Method.setup
 
 
 def _interp(name: str):
@@ -80,6 +80,8 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, item) -> Tuple[Dict[str, torch.Tensor], int]:
         idx, seed = item if isinstance(item, tuple) else (item, 0)
+        if not self.views:  # a method that reads no images of this stream (e.g. engine-served features)
+            return {}, int(idx)
         img = self.split.image(int(idx))
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only (what the transforms draw from): torch.manual_seed would also
@@ -142,6 +144,25 @@ def eval_loader(split: Split, indices: np.ndarray, transform: Callable, batch_si
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     return DataLoader(ds, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers,
                       pin_memory=pin_memory)
+
+
+@torch.no_grad()
+def encode_augmented(backbone, split: Split, indices: np.ndarray, transform: Callable, rounds: int,
+                     seed: int, batch_size: int, device, autocast, num_workers: int = 0) -> torch.Tensor:
+    """Pooled CLIP features [rounds, N, E] (CPU, fp32) of ``rounds`` augmentations of each image
+    ``indices``; sample ``k``'s augmentation in round ``r`` is seeded by (seed, "setup", r, k), so the
+    result is deterministic per seed (and independent of the batch size and of workers)."""
+    ds = ViewDataset(split, {"v": transform})
+    out = []
+    for r in range(int(rounds)):
+        items = [(int(i), sample_seed(seed, STREAMS["setup"], r, k)) for k, i in enumerate(indices)]
+        batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+        feats = []
+        with autocast():
+            for b in DataLoader(ds, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers):
+                feats.append(backbone.encode_image(b["v"].to(device)).pooled.float().cpu())
+        out.append(torch.cat(feats) if feats else torch.zeros(0, backbone.embed_dim))
+    return torch.stack(out) if out else torch.zeros(0, len(indices), backbone.embed_dim)
 
 
 class FeatureCache:

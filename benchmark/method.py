@@ -7,7 +7,15 @@ never calls ``optimizer.step()`` and never writes files. What it implements:
 
 * ``__init__(cfg, backbone, ctx)``: build learnable parts; ``ctx`` gives the K known class names
   (never OOD names), the dataset's template, shots and seed;
+* optionally ``setup(labeled, unlabeled)``: called once before training (and before a resumed run
+  loads its checkpoint) with the labeled set (:class:`LabeledSet`: sample ids, labels and, when
+  ``setup_features`` is true, the frozen CLIP features of the test view, cached across methods and
+  seeds) and, when ``setup_unlabeled`` is true, the unlabeled pool (:class:`UnlabeledPool`: ids and
+  features, never labels). A method may create parameters here (e.g. a cache of labeled features);
 * ``training_step(batch, state) -> StepOutput`` (if ``trains``): a differentiable loss and logs;
+  ``batch.ids`` / ``batch.u_ids`` are the sample ids of the images;
+* optionally ``after_train()``: called once after the last training step (right after ``setup`` for
+  a method that does not train), before the learned state is saved and the method is evaluated;
 * ``predict(images) -> Prediction``: closed-set logits over the K known classes and named
   known-scores (higher = more likely known);
 * optionally ``predict_features(features)`` when ``frozen_image_encoder`` is true: the prediction from
@@ -15,11 +23,13 @@ never calls ``optimizer.step()`` and never writes files. What it implements:
 
 Learned state (what is checkpointed and saved) is every parameter with ``requires_grad`` plus the
 buffers named in ``learned_buffers``. CLIP's own weights are frozen by the backbone wrapper.
+A method that does not train (``trains`` false on the instance: a class attribute or a property)
+gets no optimiser, no training loop and no checkpoint; its learned state, if any, is still saved.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,6 +75,29 @@ class Batch:
 
 
 @dataclass
+class LabeledSet:
+    """What ``setup`` gets about the labeled set: the split manifest's labeled samples, in manifest
+    order. ``features`` are CLIP's pooled image features (unnormalised, as ``predict_features``
+    gets them) of the test-transform view through the frozen backbone, on the method's device.
+    ``augmented(rounds)`` encodes ``rounds`` train-view ("weak") augmentations of every labeled image
+    ([rounds, N, E], deterministic per seed)."""
+
+    ids: List[str]
+    labels: Tensor  # [N] int64 in [0, K)
+    features: Optional[Tensor] = None  # [N, E] when the method sets setup_features
+    augmented: Optional[Callable[[int], Tensor]] = None
+
+
+@dataclass
+class UnlabeledPool:
+    """What ``setup`` gets about the unlabeled pool (when the method sets ``setup_unlabeled``): the
+    ids of every training image and their test-view features, never their labels."""
+
+    ids: List[str]
+    features: Optional[Tensor] = None  # [M, E] when the method sets setup_features
+
+
+@dataclass
 class StepState:
     step: int  # 0-based optimisation step
     total_steps: int
@@ -87,8 +120,14 @@ class Prediction:
 class Method(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type] = NoParams
-    #: False for training-free methods (zero-shot): the engine skips optimisation
+    #: False for training-free methods (zero-shot, Tip-Adapter): the engine skips optimisation. The
+    #: engine reads the *instance* (a subclass may make it a property of its config); a class-level
+    #: ``False`` also keeps ``train``/``ssl`` settings out of the run's config hash
     trains: ClassVar[bool] = True
+    #: ``setup`` gets frozen CLIP test-view features of the labeled set (and of the unlabeled pool)
+    setup_features: ClassVar[bool] = False
+    #: ``setup`` also gets the unlabeled pool's ids (and features): never its labels
+    setup_unlabeled: ClassVar[bool] = False
     #: True if ``training_step`` consumes ``batch.u`` itself (then the engine's generic FixMatch loop
     #: is not added on top)
     uses_unlabeled: ClassVar[bool] = False
@@ -112,6 +151,12 @@ class Method(nn.Module):
         self.ctx = ctx
 
     # -- to implement -------------------------------------------------------------------------
+    def setup(self, labeled: LabeledSet, unlabeled: Optional[UnlabeledPool] = None) -> None:
+        """Called once before training with the labeled set (and the unlabeled pool if declared)."""
+
+    def after_train(self) -> None:
+        """Called once after training (after ``setup`` for a method that does not train)."""
+
     def training_step(self, batch: Batch, state: StepState) -> StepOutput:
         raise NotImplementedError(f"{type(self).__name__} declares trains=True but has no training_step")
 

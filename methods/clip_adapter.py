@@ -12,12 +12,12 @@ engine's cached test features (``predict_features``).
 
 Training features: ``train_features: augmented`` (the default, faithful to the Dassl recipe) encodes
 the augmented labeled views at every step. ``train_features: cached`` is our cheaper option: it
-trains on the eval-transform view (no augmentation), whose features are computed once per image and
-memoised in memory (keyed by the image tensor's bytes), so each labeled image is encoded only once.
+trains on the eval-transform view (no augmentation), whose frozen features the engine serves to
+``setup`` (computed once per backbone and dataset and shared by every method and seed); a step looks
+its images' features up by ``batch.ids`` and loads no images.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Dict
 
@@ -69,9 +69,14 @@ class CLIPAdapter(Method):
             raise ValueError(f"clip_adapter.params.ratio must be in [0, 1], got {cfg.ratio}")
         self.adapter = Adapter(backbone.embed_dim, cfg.reduction)
         self.register_buffer("text_weights", self.text_features(self.class_prompts()))
-        if cfg.train_features == "cached":
-            self.labeled_views = ("test",)  # the engine reads the instance's views
-        self._memo: Dict[bytes, torch.Tensor] = {}
+        if cfg.train_features == "cached":  # the engine reads the instance's attributes
+            self.setup_features = True
+            self.labeled_views = ()
+        self._cached: Dict[str, torch.Tensor] = {}
+
+    def setup(self, labeled, unlabeled=None) -> None:
+        if self.setup_features:
+            self._cached = {sid: f.float() for sid, f in zip(labeled.ids, labeled.features)}
 
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
         f = features.float()
@@ -85,19 +90,12 @@ class CLIPAdapter(Method):
         return Prediction(logits=logits, scores=softmax_scores(logits, scale))
 
     @torch.no_grad()
-    def _features(self, images: torch.Tensor) -> torch.Tensor:
+    def _features(self, batch) -> torch.Tensor:
         if self.cfg.train_features == "augmented":
-            return self.backbone.encode_image(images).pooled.float()
-        keys = [hashlib.sha1(im.detach().cpu().numpy().tobytes()).digest() for im in images]
-        todo = [i for i, k in enumerate(keys) if k not in self._memo]
-        if todo:
-            new = self.backbone.encode_image(images[todo]).pooled.float()
-            for i, f in zip(todo, new):
-                self._memo[keys[i]] = f
-        return torch.stack([self._memo[k] for k in keys])
+            return self.backbone.encode_image(batch.x["weak"]).pooled.float()
+        return torch.stack([self._cached[sid] for sid in batch.ids])
 
     def training_step(self, batch, state) -> StepOutput:
-        view = "weak" if self.cfg.train_features == "augmented" else "test"
-        logits = self.predict_features(self._features(batch.x[view])).logits
+        logits = self.predict_features(self._features(batch)).logits
         loss = F.cross_entropy(logits, batch.y)
         return StepOutput(loss=loss, logs={"acc": float((logits.argmax(-1) == batch.y).float().mean())})

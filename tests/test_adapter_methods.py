@@ -114,18 +114,21 @@ def _id_names(eng, cfg):
     return load_or_create(eng.dataset("toy", cfg), cfg.shots, cfg.seed, eng.results_dir).id_classnames
 
 
-def test_adapter_cached_features_equal_fresh_encoding(micro_backbone):
+def test_adapter_cached_mode_reads_the_setup_features_by_sample_id(micro_backbone):
+    from benchmark.method import Batch, LabeledSet, StepState
+
     cls = METHODS.get("clip_adapter")
     m = cls(cls.Config(train_features="cached"), micro_backbone, CTX)
-    assert m.labeled_views == ("test",) and cls.labeled_views == ("weak",)
-    x = _images(4)
-    f1 = m._features(x)
-    assert len(m._memo) == 4
-    f2 = m._features(torch.cat([x[2:], _images(1, seed=5)]))
-    assert len(m._memo) == 5
+    assert m.setup_features and m.labeled_views == () and cls.labeled_views == ("weak",)
+    assert not cls.setup_features and not cls(cls.Config(), micro_backbone, CTX).setup_features
     with torch.no_grad():
-        fresh = micro_backbone.encode_image(x).pooled
-    assert torch.equal(f1, fresh) and torch.equal(f2[:2], fresh[2:])
+        fresh = micro_backbone.encode_image(_images(4)).pooled
+    m.setup(LabeledSet(ids=["a", "b", "c", "d"], labels=torch.tensor([0, 1, 2, 0]), features=fresh))
+    batch = Batch(x={}, y=torch.tensor([2, 0, 1]), ids=["c", "a", "d"])
+    assert torch.equal(m._features(batch), fresh[[2, 0, 3]])
+    out = m.training_step(batch, StepState(0, 1, 0, 1))
+    want = F.cross_entropy(m.predict_features(fresh[[2, 0, 3]]).logits, batch.y)
+    torch.testing.assert_close(out.loss, want, rtol=0, atol=0)
 
 
 # -- CLIP-LoRA: the adapter itself ---------------------------------------------------------------

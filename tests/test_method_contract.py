@@ -91,3 +91,89 @@ def test_batch_ids_match_the_manifest_for_both_streams_across_a_resume(tmp_path,
     # 9 steps x 5 = 45 unlabeled images: the first 9 full batches of an epoch over 48 training images
     assert len(set(seen_u)) == len(seen_u) == 45 and set(seen_u) <= set(split.train.ids)
     assert set(split.train.ids) - set(labeled) & set(seen_u)  # the pool holds unlabeled images too
+
+
+# -- setup -----------------------------------------------------------------------------------------
+class SetupRecorder(Method):
+    """Training-free by its instance (a property), with a learned buffer filled in setup."""
+
+    setup_features = True
+    setup_unlabeled = True
+    frozen_image_encoder = True
+    learned_buffers = ("centroids",)
+    seen: dict = {}
+
+    def __init__(self, cfg, backbone, ctx):
+        super().__init__(cfg, backbone, ctx)
+        self.unused = nn.Parameter(torch.zeros(3))  # a trainable parameter that must not be trained
+        self.register_buffer("centroids", torch.zeros(ctx.num_classes, backbone.embed_dim))
+
+    @property
+    def trains(self):
+        return False
+
+    def setup(self, labeled, unlabeled=None):
+        SetupRecorder.seen.update(labeled=labeled, unlabeled=unlabeled, ctx=self.ctx,
+                                  augmented=[labeled.augmented(2), labeled.augmented(2)])
+        for c in range(self.ctx.num_classes):
+            self.centroids[c] = F.normalize(labeled.features[labeled.labels == c].mean(0), dim=-1)
+
+    def after_train(self):
+        SetupRecorder.seen["after_train"] = SetupRecorder.seen.get("after_train", 0) + 1
+
+    def predict_features(self, features):
+        logits = F.normalize(features, dim=-1) @ self.centroids.t()
+        return Prediction(logits=logits, scores=softmax_scores(logits, 1.0))
+
+
+@pytest.fixture
+def setup_recorder():
+    register_method("setup_recorder")(SetupRecorder)
+    SetupRecorder.seen = {}
+    yield SetupRecorder
+    METHODS.unregister("setup_recorder")
+
+
+def test_setup_gets_the_manifest_labeled_set_and_the_pool_without_labels(tmp_path, setup_recorder):
+    import dataclasses
+
+    from benchmark.method import UnlabeledPool
+
+    eng = Engine(tmp_path)
+    cfg = toy_cfg("setup_recorder", shots=3)
+    r = eng.run(cfg)
+    seen = setup_recorder.seen
+    split = load_or_create(eng.dataset("toy", cfg), 3, 1, tmp_path)
+    lab, pool = seen["labeled"], seen["unlabeled"]
+    assert lab.ids == [sid for sid, _ in split.manifest["labeled"]]
+    assert lab.labels.tolist() == [c for _, c in split.manifest["labeled"]]
+    # the features are the frozen CLIP's test-view features of exactly those images
+    bb = eng.backbone(cfg.backbone, torch.device("cpu"))
+    tf = build_transforms(bb.preprocess_cfg, cfg.data)["test"]
+    pos = {sid: i for i, sid in enumerate(split.train.ids)}
+    with torch.no_grad():
+        want = bb.encode_image(torch.stack([tf(split.train.image(pos[i])) for i in lab.ids])).pooled
+    torch.testing.assert_close(lab.features, want, rtol=1e-5, atol=1e-5)
+    # the pool: every training image's id and feature, and no field that could carry a label
+    assert pool.ids == list(split.train.ids) and pool.features.shape == (len(split.train), bb.embed_dim)
+    torch.testing.assert_close(pool.features[[pos[i] for i in lab.ids]], lab.features, rtol=0, atol=0)
+    assert [f.name for f in dataclasses.fields(UnlabeledPool)] == ["ids", "features"]
+    # only the K known class names reach the method
+    names = Engine(tmp_path).dataset("toy", cfg).classnames()
+    assert seen["ctx"].classnames == names[:3] and not set(names[3:]) & set(seen["ctx"].classnames)
+    # augmented views: deterministic, distinct rounds, different from the test view
+    a1, a2 = seen["augmented"]
+    assert a1.shape == (2, 9, bb.embed_dim) and torch.equal(a1, a2)
+    assert not torch.allclose(a1[0], a1[1]) and not torch.allclose(a1[0], lab.features)
+    # training-free by its instance: no optimiser, no loop, no checkpoint; the learned buffer is saved
+    d = run_dir(tmp_path, cfg)
+    assert seen["after_train"] == 1 and r["cost"]["steps"] == 0
+    assert sorted(p.name for p in d.iterdir()) == ["learned.pt", "predictions.npz", "result.json"]
+    learned = torch.load(d / "learned.pt")
+    assert sorted(learned) == ["centroids", "unused"] and learned["centroids"].abs().sum() > 0
+    assert torch.equal(learned["unused"], torch.zeros(3))  # never optimised
+    # the method's predictions use what setup built: nearest labeled centroid
+    with np.load(d / "predictions.npz") as z:
+        cent = torch.stack([F.normalize(want[lab.labels == c].mean(0), dim=-1) for c in range(3)])
+        np.testing.assert_allclose(z["labeled_logits"], (F.normalize(want, dim=-1) @ cent.t()).numpy(),
+                                   rtol=1e-5, atol=1e-5)
