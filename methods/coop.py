@@ -3,7 +3,9 @@ KaiyangZhou/CoOp, ``trainers/coop.py``).
 
 Prompt ``[SOS] v1..vM CLASS . [EOS]``: M learnable context vectors shared by all classes, the class
 token at the end; random N(0, 0.02) init, or the word embeddings of ``ctx_init`` (then M must be
-its number of words, as the official code derives it). Only the context trains, with cross-entropy
+its number of words, as the official code derives it). The official options: ``csc`` (a context
+per class, the paper's class-specific variant) and ``class_token_position`` end / middle / front
+(``[SOS] v1..v(M/2) CLASS v(M/2+1)..vM . [EOS]``, ``[SOS] CLASS v1..vM . [EOS]``). Only the context trains, with cross-entropy
 on ``logit_scale * cos(image, text)`` where the logit scale is CLIP's own (100 for OpenAI CLIP).
 Known-scores: MSP (first) and MCM. Class text features are computed once per evaluation; the
 image tower is untouched, so evaluation may run on the engine's cached CLIP image features
@@ -27,6 +29,12 @@ class CoOpConfig:
     n_ctx: int = 16  # [paper][code] M context tokens
     # [paper][code] "" = random N(0, 0.02) init; "a photo of a" (with n_ctx = 4) inits from words
     ctx_init: str = ""
+    # [paper][code] CSC: one context per class (random init only, as the official code) instead of
+    # one context shared by all classes
+    csc: bool = False
+    # [paper][code] CLASS_TOKEN_POSITION: where the class name sits among the context tokens,
+    # end | middle | front
+    class_token_position: str = "end"
 
 
 @register_method("coop")
@@ -40,7 +48,8 @@ class CoOp(PromptMethod, Method):
         super().__init__(cfg, backbone, ctx)
         self._init_cache()
         check_ctx_init_words(self.name or "coop", cfg.n_ctx, cfg.ctx_init)
-        self.prompts = PromptLearner(backbone, ctx.classnames, cfg.n_ctx, cfg.ctx_init)
+        self.prompts = PromptLearner(backbone, ctx.classnames, cfg.n_ctx, cfg.ctx_init, csc=cfg.csc,
+                                     class_token_position=cfg.class_token_position)
 
     def class_text(self) -> torch.Tensor:
         """L2-normalised class text features [K, E] (cached in eval mode)."""
