@@ -10,7 +10,9 @@ Everything a method needs from CLIP goes through :class:`CLIPBackbone`:
 * ``attention_modules`` (each block's ``nn.MultiheadAttention`` for LoRA).
 
 With nothing injected, ``encode_text_embeddings(token_embedding(t), t)`` equals open_clip's
-``encode_text(t)`` and ``encode_image(x).pooled`` equals ``encode_image(x)`` exactly (tested).
+``encode_text(t)`` (exactly with ``short_text = False``; up to float rounding with the default
+shortened text tower, which stops at the batch's last EOT position) and ``encode_image(x).pooled``
+equals ``encode_image(x)`` exactly (tested).
 
 Token layout is open_clip's ``[batch, length, width]``. Deep-prompt semantics follow MaPLe/VPT-deep:
 shallow ``prompts`` are appended after the patch tokens before ``ln_pre``; ``deep_prompts[j]``
@@ -410,14 +412,45 @@ class CLIPBackbone(nn.Module):
 
         m = self.model
         cast = m.transformer.get_cast_dtype()
-        x = embeddings.to(cast) + m.positional_embedding.to(cast)
-        x = self._run_blocks(m.transformer, x, deep_prompts, attn_mask=m.attn_mask,
-                             at=lambda n: slice(prompt_start, prompt_start + n))
+        n = self._text_positions(tokens, deep_prompts, prompt_start)
+        if n < tokens.shape[1]:  # shortened tower: positions after the last EOT cannot reach it
+            embeddings, tokens = embeddings[:, :n], tokens[:, :n]
+        mask = m.attn_mask[:n, :n] if m.attn_mask is not None else None
+        x = embeddings.to(cast) + m.positional_embedding[:n].to(cast)
+        x = self._run_blocks(m.transformer, x, deep_prompts, attn_mask=mask,
+                             at=lambda k: slice(prompt_start, prompt_start + k))
         x = m.ln_final(x)
         x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if m.text_projection is not None:
             x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
         return x
+
+    #: run the text tower only over the positions up to the last pooled (EOT) token of the batch
+    #: (``train.short_text``): with a causal mask no later position reaches a pooled token, so the
+    #: features equal the full tower's up to float rounding; False runs all context positions.
+    short_text: bool = True
+
+    def _text_positions(self, tokens: Tensor, deep_prompts, prompt_start: int) -> int:
+        """How many leading positions the text tower must run for ``tokens``: all of them unless
+        ``short_text`` is on, the pooled position comes from the tokens (argmax / eos pooling) and
+        the attention mask is causal up to there; deep prompt positions are always kept."""
+        m = self.model
+        full = tokens.shape[1]
+        pool = getattr(m, "text_pool_type", "argmax")
+        if not self.short_text or m.attn_mask is None or pool not in ("argmax", "eos"):
+            return full
+        if pool == "argmax":
+            pos = tokens.argmax(dim=-1)
+        else:
+            pos = (tokens == m.text_eos_id).int().argmax(dim=-1)
+        n = int(pos.max()) + 1
+        if deep_prompts is not None:
+            n = max([n] + [prompt_start + p.shape[-2] for p in deep_prompts if p is not None])
+        n = min(n, full)
+        mask = m.attn_mask
+        if n < full and not bool(torch.isneginf(mask[:n, n:]).all()):  # not causal: no shortcut
+            return full
+        return n
 
     # -- image --------------------------------------------------------------------------------
     def encode_image(self, images: Tensor, prompts: Optional[Tensor] = None,

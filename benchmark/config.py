@@ -62,6 +62,10 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | off
     # torch.compile the backbone's residual blocks (a speed option; results agree to float rounding)
     compile: bool = field(default=False, metadata=NOHASH)
+    # [default] run the text tower only up to the last EOT position of each batch of prompts (a
+    # speed option: the causal mask keeps the EOT features equal up to float rounding); false runs
+    # all context positions as open_clip's encode_text does (bit-identical to it)
+    short_text: bool = field(default=True, metadata=NOHASH)
     checkpoint_every: int = field(default=100, metadata=NOHASH)  # steps between checkpoints
     checkpoint_every_s: float = field(default=60.0, metadata=NOHASH)  # or seconds, whichever first
     log_every: int = field(default=25, metadata=NOHASH)

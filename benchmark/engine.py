@@ -259,6 +259,7 @@ class Engine:
         plugin = self.dataset(cfg.dataset, cfg)
         split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir)
         backbone = self.backbone_for(method_cls, cfg.backbone, device)
+        backbone.short_text = cfg.train.short_text  # before the method: some encode text at build
         ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
                             dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)
         seed_everything(cfg.seed)

@@ -122,6 +122,7 @@ def bench_method(engine, cfg, opt: dict, args, log) -> dict:
     split = load_or_create(plugin, cfg.shots, cfg.seed, engine.results_dir)
     data_setup_s = time.time() - t0
     backbone = engine.backbone_for(method_cls, cfg.backbone, device)
+    backbone.short_text = cfg.train.short_text
     ctx = MethodContext(classnames=split.id_classnames, template=plugin.template, dataset=cfg.dataset,
                         shots=cfg.shots, seed=cfg.seed)
     if cuda:

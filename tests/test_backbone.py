@@ -18,12 +18,103 @@ def test_encode_image_equals_open_clip(micro_backbone, images):
     assert torch.equal(ours, ref)
 
 
-def test_encode_text_equals_open_clip(micro_backbone):
+TEXTS = ["a photo of a red finch.", "a photo of a thing with a long name, a type of bird.", "a bird."]
+
+
+def _block_lengths(bb):
+    """Records the sequence length each text block runs on (a forward pre-hook on block 0)."""
+    seen = []
+    blk = bb.model.transformer.resblocks[0]
+    return seen, blk.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+
+
+def test_encode_text_equals_open_clip_when_not_shortened(micro_backbone):
     bb = micro_backbone
-    tokens = bb.tokenize(["a photo of a red finch.", "a photo of a thing with a long name, a type of bird."])
+    tokens = bb.tokenize(TEXTS)
+    bb.short_text = False
+    try:
+        with torch.no_grad():
+            ours = bb.encode_text_embeddings(bb.token_embedding(tokens), tokens)
+            ref = bb.model.encode_text(tokens)
+    finally:
+        bb.short_text = True
+    assert torch.equal(ours, ref)
+
+
+def test_shortened_text_tower_equals_open_clip_within_rounding(micro_backbone):
+    """Prompts of different lengths in one batch: the tower runs up to the longest EOT only, and
+    every prompt's feature (short ones included) is open_clip's full-length one within fp32 rounding."""
+    bb = micro_backbone
+    tokens = bb.tokenize(TEXTS)
+    eot = tokens.argmax(-1)
+    assert len(set(eot.tolist())) == 3 and int(eot.max()) + 1 < tokens.shape[1]
     with torch.no_grad():
-        ours = bb.encode_text_embeddings(bb.token_embedding(tokens), tokens)
         ref = bb.model.encode_text(tokens)
+    seen, hook = _block_lengths(bb)
+    try:
+        with torch.no_grad():
+            ours = bb.encode_text(tokens)
+    finally:
+        hook.remove()
+    assert seen == [int(eot.max()) + 1]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    # each prompt alone (its own, shorter length) gives the same feature too
+    for i in range(len(TEXTS)):
+        with torch.no_grad():
+            torch.testing.assert_close(bb.encode_text(tokens[i:i + 1])[0], ref[i], rtol=1e-5, atol=1e-5)
+
+
+def test_shortened_text_tower_deep_prompts_and_gradients(micro_backbone):
+    """Deep prompts (MaPLe) sit before the EOT: features and the gradients reaching the learned
+    context and deep prompts agree with the full-length tower within fp32 rounding."""
+    bb = micro_backbone
+    tokens = bb.tokenize(["x x x red finch.", "x x x bird with a very long name indeed."])
+    g = torch.Generator().manual_seed(3)
+    emb0 = bb.token_embedding(tokens).detach()
+    ctx = torch.randn(3, bb.text_width, generator=g).requires_grad_(True)
+    deep = [None] + [torch.randn(3, bb.text_width, generator=g).requires_grad_(True)
+                     for _ in range(bb.text_layers - 1)]
+    w = torch.randn(2, bb.embed_dim, generator=g)
+
+    def run(short):
+        bb.short_text = short
+        try:
+            emb = torch.cat([emb0[:, :1], ctx.expand(2, -1, -1), emb0[:, 4:]], 1)
+            out = bb.encode_text_embeddings(emb, tokens, deep_prompts=deep, prompt_start=1)
+        finally:
+            bb.short_text = True
+        grads = torch.autograd.grad((out * w).sum(), [ctx] + deep[1:])
+        return out.detach(), grads
+
+    seen, hook = _block_lengths(bb)
+    try:
+        full, g_full = run(False)
+        short, g_short = run(True)
+    finally:
+        hook.remove()
+    assert seen == [tokens.shape[1], int(tokens.argmax(-1).max()) + 1]
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_short, g_full):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_shortened_text_tower_keeps_all_positions_without_causal_mask(micro_backbone):
+    """Without a causal mask later positions reach the EOT: the tower then runs every position."""
+    import copy
+
+    bb = copy.deepcopy(micro_backbone)
+    tokens = bb.tokenize(TEXTS)
+    bb.model.attn_mask = torch.zeros_like(bb.model.attn_mask)  # bidirectional attention
+    with torch.no_grad():
+        ref = bb.model.encode_text(tokens)
+    seen, hook = _block_lengths(bb)
+    try:
+        with torch.no_grad():
+            ours = bb.encode_text(tokens)
+    finally:
+        hook.remove()
+    assert seen == [tokens.shape[1]]
     assert torch.equal(ours, ref)
 
 
