@@ -415,7 +415,7 @@ class CLIPBackbone(nn.Module):
         n = self._text_positions(tokens, deep_prompts, prompt_start)
         if n < tokens.shape[1]:  # shortened tower: positions after the last EOT cannot reach it
             embeddings, tokens = embeddings[:, :n], tokens[:, :n]
-        mask = m.attn_mask[:n, :n] if m.attn_mask is not None else None
+        mask = m.attn_mask[:n, :n].contiguous() if m.attn_mask is not None else None
         x = embeddings.to(cast) + m.positional_embedding[:n].to(cast)
         x = self._run_blocks(m.transformer, x, deep_prompts, attn_mask=mask,
                              at=lambda k: slice(prompt_start, prompt_start + k))

@@ -64,7 +64,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=NOHASH)
     # [default] run the text tower only up to the last EOT position of each batch of prompts (a
     # speed option: the causal mask keeps the EOT features equal up to float rounding); false runs
-    # all context positions as open_clip's encode_text does (bit-identical to it)
+    # all context positions as open_clip's encode_text does (bit-identical to it). Not hashed, except
+    # for methods with random draws in the text tower (Method.random_text_tower: CLIP-LoRA's dropout)
     short_text: bool = field(default=True, metadata=NOHASH)
     checkpoint_every: int = field(default=100, metadata=NOHASH)  # steps between checkpoints
     checkpoint_every_s: float = field(default=60.0, metadata=NOHASH)  # or seconds, whichever first
@@ -150,6 +151,8 @@ def _hash_tree(cfg: RunConfig) -> Dict[str, Any]:
     from .registry import METHODS
 
     d = hashable_dict(cfg)
+    if getattr(METHODS.get(cfg.method), "random_text_tower", False):
+        d["train"]["short_text"] = cfg.train.short_text  # it changes the random draws (see Method)
     # training settings cannot change a run of a class that never trains (a property that decides per
     # instance keeps them in the hash: a needless rerun at worst, never a stale result)
     if getattr(METHODS.get(cfg.method), "trains", True) is False:

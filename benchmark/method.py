@@ -139,6 +139,10 @@ class Method(nn.Module):
     frozen_image_encoder: ClassVar[bool] = False
     #: True if the method changes modules inside the backbone (LoRA): it gets its own copy
     modifies_backbone: ClassVar[bool] = False
+    #: True if training draws random numbers inside the text tower (LoRA's dropout): the shortened
+    #: text tower (``train.short_text``) then draws fewer of them (none for the positions after the
+    #: EOT), so the option joins the config hash of this method's runs
+    random_text_tower: ClassVar[bool] = False
     #: shown in the default grid and the paper tables (helper/test methods set False)
     in_default_grid: ClassVar[bool] = True
     #: names of buffers that are learned state (e.g. a cache of class prototypes)

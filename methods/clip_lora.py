@@ -45,6 +45,7 @@ class CLIPLoRA(Method):
 
     Config = CLIPLoRAConfig
     modifies_backbone = True
+    random_text_tower = True  # LoRA dropout in the text tower: train.short_text changes its draws
 
     def __init__(self, cfg: CLIPLoRAConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)

@@ -350,6 +350,12 @@ def ratios(opt: List[dict], base: List[dict]) -> str:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compare-step" in argv:  # each speed option on/off, step for step (scripts/bench_step.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_step import main as compare_step
+
+        return compare_step([a for a in argv if a != "--compare-step"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None, help="comma-separated (default: every method of the default grid)")
@@ -373,6 +379,8 @@ def main(argv=None) -> int:
     p.add_argument("--amp", default=None, help="train.amp of the optimised path (default: the config's, auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone blocks in the optimised path")
     p.add_argument("--compare", action="store_true", help="also run the unoptimised path and print ratios")
+    p.add_argument("--compare-step", action="store_true",
+                   help="instead: each speed option on/off step for step (scripts/bench_step.py --help)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU peak (TFLOP/s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--json", default=None, help="also write the measurements here")

@@ -81,3 +81,11 @@ def test_set_keeps_words_that_yaml_would_read_as_booleans():
     assert C.parse_set("ssl.enabled=true") == ("ssl.enabled", True)
     cfg = toy_cfg(sets=["train.amp=off", "ssl.enabled=yes"])
     assert cfg.train.amp == "off" and cfg.ssl.enabled is True
+
+
+def test_short_text_is_hashed_only_where_it_changes_random_draws():
+    """train.short_text changes features by float rounding only (not hashed), except for methods
+    whose training draws random numbers in the text tower (CLIP-LoRA's dropout)."""
+    for m in ("coop", "maple", "zsclip"):
+        assert C.config_hash(toy_cfg(m)) == C.config_hash(toy_cfg(m, sets=["train.short_text=false"]))
+    assert C.config_hash(toy_cfg("clip_lora")) != C.config_hash(toy_cfg("clip_lora", sets=["train.short_text=false"]))
