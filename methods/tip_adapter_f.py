@@ -1,0 +1,49 @@
+"""Tip-Adapter-F (official ``run_tip_adapter_F``): the cache keys are a parameter, initialised from the
+cache and trained with cross-entropy on augmented labeled views at the initial alpha/beta (AdamW, eps
+1e-4); alpha/beta are then searched with the trained keys. The official script keeps the epoch of best
+*test* accuracy; we keep the last and search on held-out labeled images, which never join the cache
+nor the loss (``val_fraction``, our choice)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from benchmark.method import StepOutput
+from benchmark.registry import register_method
+
+from .tip_adapter import TipAdapter, TipAdapterConfig
+
+
+@dataclass
+class TipAdapterFConfig(TipAdapterConfig):
+    eps: float = 1e-4  # [code] torch.optim.AdamW(..., eps=1e-4)
+
+
+@register_method("tip_adapter_f")
+class TipAdapterF(TipAdapter):
+    Config = TipAdapterFConfig
+    trains = True
+    labeled_views = ("weak",)
+    learned_buffers = ("cache_values", "alpha", "beta")  # cache_keys is a trained parameter
+
+    def install_cache(self) -> None:
+        del self.cache_keys  # a trained parameter here, not a buffer
+        self.cache_keys = nn.Parameter(self.search_cache[0].clone())
+        self.cache_values = self.search_cache[1]
+        self.search_cache = (self.cache_keys, self.cache_values)  # the search scores the trained keys
+
+    def param_groups(self):
+        return [{"params": [self.cache_keys], "eps": self.cfg.eps}]
+
+    def training_step(self, batch, state) -> StepOutput:
+        keep = [i for i, sid in enumerate(batch.ids) if sid not in self.val_ids]
+        if not keep:  # a batch of held-out images only: nothing to learn from
+            return StepOutput(loss=self.cache_keys.sum() * 0.0)
+        with torch.no_grad():
+            f = F.normalize(self.backbone.encode_image(batch.x["weak"][keep]).pooled.float(), dim=-1)
+        logits, y = self.logits(f, self.cache_keys, self.cache_values, self.alpha, self.beta), batch.y[keep]
+        return StepOutput(loss=F.cross_entropy(logits, y),
+                          logs={"acc": float((logits.argmax(-1) == y).float().mean())})
