@@ -46,13 +46,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def do_list() -> None:
-    from .experiment import known_experiments
+    from .experiment import known_experiments, method_sets
     from .registry import DATASETS, METHODS
 
     print("methods:")
+    paper = method_sets().get("paper", [])
     for name, cls in METHODS.items():
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        flag = "" if cls.in_default_grid else "  [not in the default grid]"
+        flag = "" if name in paper else "  [not a paper method: runs when named]"
         print(f"  {name:<16} {doc[0] if doc else ''}{flag}")
     print("datasets:")
     for name, cls in DATASETS.items():

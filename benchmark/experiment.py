@@ -1,7 +1,8 @@
 """Experiments: a YAML that names a grid (methods x datasets x shots x seeds) and its overrides.
 
-Keys: ``name``, ``description``, ``methods`` (a list, or ``all`` = every registered method shown in
-the default grid), ``datasets``, ``shots``, ``seeds``, ``backbone`` (model/pretrained/cache_dir),
+Keys: ``name``, ``description``, ``methods`` (a list whose entries are method names, variant labels
+or names of method sets from ``configs/method_sets.yaml``, e.g. ``paper``; ``all`` = every registered
+method, plugins included), ``datasets``, ``shots``, ``seeds``, ``backbone`` (model/pretrained/cache_dir),
 ``data_root``, ``dataset_options: {<dataset>: {...}}``, ``config`` (overrides for every method:
 ``train``/``ssl``/``eval``/``data``/``params`` sections), ``methods_config: {<method>: {...}}``,
 ``variants: {<label>: {method: <m>, config: {...}}}`` (named configurations of a method, usable in
@@ -29,6 +30,7 @@ from .registry import DATASETS, METHODS
 EXPERIMENT_KEYS = ("base", "name", "description", "methods", "datasets", "shots", "seeds", "backbone",
                    "data_root", "dataset_options", "config", "methods_config", "table", "variants")
 EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
+METHOD_SETS = ROOT / "configs" / "method_sets.yaml"
 DEFAULT_EXPERIMENT = "embedded"
 
 
@@ -73,6 +75,26 @@ def _as_list(v, kind: str) -> List:
     return list(v)
 
 
+def method_sets() -> Dict[str, List[str]]:
+    """Named method lists (``configs/method_sets.yaml``)."""
+    sets = load_yaml(METHOD_SETS) if METHOD_SETS.exists() else {}
+    for name, members in sets.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f"{METHOD_SETS}: set {name!r} must be a list of method names, got {members!r}")
+    return sets
+
+
+def expand_methods(spec) -> List[str]:
+    """An experiment's ``methods`` value as a list of names: set names (``paper``) are replaced by
+    their members, ``all`` by every registered method; duplicates keep their first place."""
+    sets = method_sets()
+    out: List[str] = []
+    for name in _as_list(spec, "methods"):
+        members = METHODS.names() if name == "all" else sets.get(name, [name])
+        out += [m for m in members if m not in out]
+    return out
+
+
 @dataclass
 class Grid:
     experiment: Dict[str, Any]
@@ -88,10 +110,7 @@ def build_grid(exp: Dict[str, Any], methods: Optional[List[str]] = None,
                seeds: Optional[List[int]] = None, sets: Optional[List[str]] = None,
                data_root: Optional[str] = None, device: Optional[str] = None) -> Grid:
     exp = copy.deepcopy(exp)
-    m = methods or exp.get("methods", "all")
-    if m == "all" or m == ["all"]:
-        m = [n for n, cls in METHODS.items() if cls.in_default_grid]
-    m = _as_list(m, "methods")
+    m = expand_methods(methods or exp.get("methods"))
     d = _as_list(datasets or exp.get("datasets"), "datasets")
     k = [int(x) for x in _as_list(shots or exp.get("shots"), "shots")]
     s = [int(x) for x in _as_list(seeds or exp.get("seeds"), "seeds")]

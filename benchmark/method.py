@@ -143,8 +143,6 @@ class Method(nn.Module):
     #: text tower (``train.short_text``) then draws fewer of them (none for the positions after the
     #: EOT), so the option joins the config hash of this method's runs
     random_text_tower: ClassVar[bool] = False
-    #: shown in the default grid and the paper tables (helper/test methods set False)
-    in_default_grid: ClassVar[bool] = True
     #: names of buffers that are learned state (e.g. a cache of class prototypes)
     learned_buffers: ClassVar[Tuple[str, ...]] = ()
 

@@ -23,7 +23,6 @@ class LinearProbeConfig:
 class LinearProbe(Method):
     Config = LinearProbeConfig
     frozen_image_encoder = True
-    in_default_grid = False
 
     def __init__(self, cfg: LinearProbeConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)

@@ -391,7 +391,7 @@ def main(argv=None) -> int:
 
     from benchmark.engine import Engine, resolve_device
     from benchmark.errors import BenchmarkError
-    from benchmark.experiment import load_experiment
+    from benchmark.experiment import expand_methods, load_experiment
     from benchmark.registry import METHODS
 
     try:
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
     experiment = load_experiment("embedded" if embedded else "paper")
     experiment["backbone"] = bcfg
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else \
-        [n for n, c in METHODS.items() if c.in_default_grid]
+        expand_methods(experiment.get("methods"))
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))

@@ -177,3 +177,48 @@ def test_setup_gets_the_manifest_labeled_set_and_the_pool_without_labels(tmp_pat
         cent = torch.stack([F.normalize(want[lab.labels == c].mean(0), dim=-1) for c in range(3)])
         np.testing.assert_allclose(z["labeled_logits"], (F.normalize(want, dim=-1) @ cent.t()).numpy(),
                                    rtol=1e-5, atol=1e-5)
+
+
+# -- the default grid is data ----------------------------------------------------------------------
+PLUGIN = '''
+from benchmark.method import Method
+from benchmark.registry import register_method
+
+
+@register_method("extra_zero_shot")
+class Extra(Method):
+    trains = False
+'''
+
+
+def test_a_plugin_added_under_the_plugin_path_never_changes_the_default_grid(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from benchmark.experiment import DEFAULT_EXPERIMENT, build_grid, load_experiment, method_sets
+    from conftest import ROOT, TESTS
+
+    def runs(grid):
+        return [[r.label, r.dataset, r.shots, r.seed] for r in grid.runs]
+
+    here = runs(build_grid(load_experiment(DEFAULT_EXPERIMENT)))
+    paper = method_sets()["paper"]
+    assert len(here) == len(paper) * 4 * 2 * 3 == 192 and {r[0] for r in here} == set(paper)
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "extra_zero_shot.py").write_text(PLUGIN)
+    code = ("import json; from benchmark.experiment import DEFAULT_EXPERIMENT, build_grid, load_experiment; "
+            "from benchmark.registry import METHODS; exp = load_experiment(DEFAULT_EXPERIMENT); "
+            "g = build_grid(exp); n = build_grid(exp, methods=['extra_zero_shot', 'zsclip'], seeds=[1]); "
+            "print(json.dumps({'registered': 'extra_zero_shot' in METHODS, "
+            "'runs': [[r.label, r.dataset, r.shots, r.seed] for r in g.runs], "
+            "'named': sorted({r.label for r in n.runs}), 'all': METHODS.names()}))")
+    env = dict(os.environ, OSSL_PLUGIN_PATH=os.pathsep.join([str(TESTS / "plugins"), str(tmp_path)]),
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["registered"] and got["runs"] == here  # same runs, same order
+    assert got["named"] == ["extra_zero_shot", "zsclip"]  # it runs when named
+    assert "extra_zero_shot" in got["all"]  # and `methods: all` means every registered method
