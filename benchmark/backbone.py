@@ -9,6 +9,15 @@ Everything a method needs from CLIP goes through :class:`CLIPBackbone`:
   prompt tokens, and LoCoOp's value-path local features);
 * ``attention_modules`` (each block's ``nn.MultiheadAttention`` for LoRA).
 
+ResNet CLIPs (open_clip ``RN50``, ``RN101``, ``RN50x4``... with the ``openai`` tag or local files)
+are supported too (``image_tower == "resnet"``): ``encode_image`` runs the ModifiedResNet and its
+attention pool; ``patches`` are then the attention pool's outputs at the grid positions (the pool
+attends from every position, as open_clip's pool already computes, and keeps all outputs, projected by
+``c_proj`` like the pooled one: the official PLOT's local features) and ``value_local`` is LoCoOp's
+ResNet local feature (``c_proj(v_proj(grid))``). What needs transformer blocks (visual prompt tokens,
+vision-tower attention for LoRA, the tower's width and depth) raises :meth:`CLIPBackbone.require_vit`'s
+error, which says why.
+
 With nothing injected, ``encode_text_embeddings(token_embedding(t), t)`` equals open_clip's
 ``encode_text(t)`` (exactly with ``short_text = False``; up to float rounding with the default
 shortened text tower, which stops at the batch's last EOT position) and ``encode_image(x).pooled``
@@ -150,7 +159,8 @@ class CLIPBackbone(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, identity: str, preprocess_cfg: dict):
         super().__init__()
-        self._check_supported(model)
+        #: "vit" or "resnet" (a ModifiedResNet image tower with an attention pool)
+        self.image_tower = self._check_supported(model)
         self.model = model
         self.tokenizer = tokenizer
         #: identifies the weights: the checkpoint's SHA-256 or "name:tag" (feature-cache key)
@@ -329,8 +339,12 @@ class CLIPBackbone(nn.Module):
             f"backbone.pretrained=/that/folder.")
 
     @staticmethod
-    def _check_supported(model: nn.Module) -> None:
+    def _check_supported(model: nn.Module) -> str:
         visual = getattr(model, "visual", None)
+        from open_clip.modified_resnet import ModifiedResNet
+
+        if isinstance(visual, ModifiedResNet) and hasattr(model, "token_embedding"):
+            return "resnet"
         ok = (hasattr(model, "token_embedding") and hasattr(visual, "conv1")
               and getattr(visual, "attn_pool", None) is None
               and getattr(visual, "pool_type", "tok") == "tok"
@@ -339,7 +353,19 @@ class CLIPBackbone(nn.Module):
             raise BenchmarkError(
                 "the CLIP backbone wrapper supports open_clip CLIP models with a ViT image tower "
                 "(class-token pooling, no attentional pool) and the built-in text tower, like "
-                "ViT-B-16 / ViT-L-14; this model is not of that kind.")
+                "ViT-B-16 / ViT-L-14, or a ResNet image tower with an attention pool, like RN50 / "
+                "RN101 / RN50x4; this model is neither.")
+        return "vit"
+
+    def require_vit(self, what: str) -> None:
+        """Raise a clear error when the image tower is not a ViT; ``what`` names the feature
+        that needs one (e.g. "MaPLe's deep visual prompts")."""
+        if self.image_tower != "vit":
+            raise BenchmarkError(
+                f"{what}: this needs a ViT image tower, but the backbone ({self.identity}) is a ResNet CLIP: "
+                f"its image tower is a ModifiedResNet (convolutions and an attention pool), with no "
+                f"transformer blocks, class token or patch tokens to prompt or adapt. Use a ViT CLIP "
+                f"(e.g. backbone.model=ViT-B-16-quickgelu backbone.pretrained=openai).")
 
     def train(self, mode: bool = True):  # CLIP stays in eval mode (no dropout), whatever the caller
         super().train(False)
@@ -364,6 +390,7 @@ class CLIPBackbone(nn.Module):
 
     @property
     def vision_width(self) -> int:
+        self.require_vit("the image tower's token width (visual prompt tokens)")
         return self.model.visual.conv1.out_channels
 
     @property
@@ -372,6 +399,7 @@ class CLIPBackbone(nn.Module):
 
     @property
     def vision_layers(self) -> int:
+        self.require_vit("the image tower's transformer depth (per-layer visual prompts)")
         return len(self.model.visual.transformer.resblocks)
 
     @property
@@ -380,6 +408,8 @@ class CLIPBackbone(nn.Module):
 
     @property
     def num_patches(self) -> int:
+        if self.image_tower == "resnet":  # attention-pool grid: (image_size // 32) ** 2
+            return self.model.visual.attnpool.positional_embedding.shape[0] - 1
         gh, gw = self.model.visual.grid_size
         return gh * gw
 
@@ -464,8 +494,10 @@ class CLIPBackbone(nn.Module):
         ``j >= 1`` replaces the prompt tokens at the input of block ``j`` (``deep_prompts[0]`` must
         be ``None``: use ``prompts``). ``return_value_local`` gives LoCoOp's local features: the
         last block's value path (in_proj value slice, out_proj, residual, MLP) for patch tokens,
-        then ``ln_post`` and ``proj``.
+        then ``ln_post`` and ``proj``. On a ResNet CLIP see :meth:`_encode_image_resnet`.
         """
+        if self.image_tower == "resnet":
+            return self._encode_image_resnet(images, prompts, deep_prompts, return_patches, return_value_local)
         v = self.model.visual
         x = self._embed_no_ln(images)  # conv1, CLS, positional embedding, patch dropout
         n_prompt = 0
@@ -501,6 +533,51 @@ class CLIPBackbone(nn.Module):
         if return_prompts:
             out.prompts = self._to_joint(x[:, n_tok - n_prompt:]) if n_prompt else None
         return out
+
+    # -- image, ResNet CLIP ---------------------------------------------------------------------
+    def _encode_image_resnet(self, images: Tensor, prompts, deep_prompts, return_patches: bool,
+                             return_value_local: bool) -> ImageOutput:
+        """ModifiedResNet trunk, then the attention pool with every output kept.
+
+        ``pooled``: the pool's output at the mean token (== open_clip ``encode_image``).
+        ``patches`` ``[B, HW, E]``: its outputs at the HW grid positions, each the attention from that
+        position over all positions, through ``c_proj`` like the pooled one: the official PLOT's
+        local features (CHENGY12/PLOT ``plot-coop/clip/model.py`` keeps ``x[1:]`` of the pool).
+        ``value_local`` ``[B, HW, E]``: the official LoCoOp's ResNet local features,
+        ``c_proj(v_proj(grid))`` on the last stage's feature map (no positional embedding).
+        Visual prompt tokens have no place in a ResNet: they raise :meth:`require_vit`'s error."""
+        if prompts is not None or (deep_prompts is not None and any(d is not None for d in deep_prompts)):
+            self.require_vit("visual prompt tokens (shallow or deep)")
+        v = self.model.visual
+        x = v.stem(images.to(self.dtype))
+        x = v.layer4(v.layer3(v.layer2(v.layer1(x))))  # [B, C, H, W]
+        tokens = self._attnpool_tokens(v.attnpool, x)  # [B, 1 + HW, E]
+        out = ImageOutput(pooled=tokens[:, 0])
+        if return_patches:
+            out.patches = tokens[:, 1:]
+        if return_value_local:
+            pool = v.attnpool
+            grid = x.flatten(2).transpose(1, 2)  # [B, HW, C], row-major over (h, w)
+            out.value_local = pool.c_proj(pool.v_proj(grid))
+        return out
+
+    @staticmethod
+    def _attnpool_tokens(pool: nn.Module, x: Tensor) -> Tensor:
+        """open_clip's ``AttentionPool2d.forward`` with every query's output returned: it already
+        attends from all HW + 1 tokens and keeps only the first (the same call, so the first output
+        equals open_clip's bit for bit)."""
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(2, 0, 1)  # NCHW -> (HW)NC
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+        x = x + pool.positional_embedding[:, None, :].to(x.dtype)
+        x, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+            q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,
+            v_proj_weight=pool.v_proj.weight, in_proj_weight=None,
+            in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+            use_separate_proj_weight=True, training=False, need_weights=False)
+        return x.permute(1, 0, 2)
 
     def _embed_no_ln(self, images: Tensor) -> Tensor:
         v = self.model.visual
@@ -558,7 +635,10 @@ class CLIPBackbone(nn.Module):
         undo it. Blocks rather than the whole model: the methods run the towers block by block
         (prompts, deep prompts, value path), which a whole-model compile would never see. Weights
         and the state dict are untouched; the first call of each shape pays the compilation."""
-        blocks = list(self.model.visual.transformer.resblocks) + list(self.model.transformer.resblocks)
+        v = self.model.visual
+        vision = ([v.layer1, v.layer2, v.layer3, v.layer4] if self.image_tower == "resnet"
+                  else list(v.transformer.resblocks))  # ResNet: its four stages
+        blocks = vision + list(self.model.transformer.resblocks)
         if on:
             # every block shares one forward code object, traced again for each grad mode, token
             # count (prompts) and batch shape: dynamo's default limit of 8 variants would silently
@@ -582,6 +662,7 @@ class CLIPBackbone(nn.Module):
             raise ValueError(f"tower must be 'vision', 'text' or 'both', got {tower!r}")
         out = []
         if tower in ("vision", "both"):
+            self.require_vit("attention modules of the image tower (LoRA on the vision tower)")
             out += [("vision", i, b.attn) for i, b in enumerate(self.model.visual.transformer.resblocks)]
         if tower in ("text", "both"):
             out += [("text", i, b.attn) for i, b in enumerate(self.model.transformer.resblocks)]

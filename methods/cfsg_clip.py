@@ -74,6 +74,8 @@ class CFSGCLIP(Method):
 
     def __init__(self, cfg: CFSGConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)
+        backbone.require_vit("CFSG-CLIP (its filtering module selects patch tokens of the image "
+                             "transformer and its fine branch injects them as prompt tokens at layer D)")
         if cfg.fine_global not in ("token", "cls"):
             raise ValueError(f"cfsg_clip.fine_global must be 'token' or 'cls', got {cfg.fine_global!r}")
         if cfg.mask_source not in ("per_head", "coarse_global"):

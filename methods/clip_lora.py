@@ -49,7 +49,12 @@ class CLIPLoRA(Method):
 
     def __init__(self, cfg: CLIPLoRAConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)
-        if not backbone.attention_modules("both"):
+        if cfg.encoder in ("both", "vision"):
+            backbone.require_vit(  # the official CLIP-LoRA adapts ViT attention blocks only
+                f"clip_lora.params.encoder={cfg.encoder} (LoRA on the image tower's attention blocks, "
+                f"which the official CLIP-LoRA defines for ViT backbones only; encoder=text adapts the "
+                f"text tower alone and runs on a ResNet CLIP)")
+        if not backbone.attention_modules(cfg.encoder if cfg.encoder in ("vision", "text") else "both"):
             raise ValueError("CLIP-LoRA found no attention blocks in the backbone")
         self.lora_layers: List[LoRAAttention] = apply_lora(
             backbone, cfg.encoder, cfg.position, cfg.matrices, cfg.rank, cfg.alpha, cfg.dropout)

@@ -48,6 +48,8 @@ class MaPLe(PromptMethod, Method):
 
     def __init__(self, cfg: MaPLeConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)
+        backbone.require_vit("MaPLe's deep visual prompts (prompt tokens in the image transformer's "
+                             "blocks; the official MaPLe is ViT-only)")
         self._init_cache()
         depth = cfg.prompt_depth
         if depth < 1 or depth > min(backbone.text_layers, backbone.vision_layers):

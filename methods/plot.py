@@ -10,8 +10,18 @@ of the row scaling vector is below ``tol``) is computed without gradient, and
 
     logit_{b,k} = logit_scale * sum_{m,n} T_{mn} cos(f_m, g_n).
 
-Which features are "local" (``params.local_features``):
+Which features are "local" (``params.local_features``), i.e. which PLOT:
 
+* ``attnpool`` -- **the official PLOT** (``plot-coop``), on a **ResNet CLIP** only (RN50 in the paper):
+  the M = HW outputs of CLIP's attention pool at the grid positions (7 x 7 = 49 for RN50 at 224 px),
+  each projected by the pool's ``c_proj`` like the pooled feature (``CLIPBackbone`` ``patches`` on a
+  ResNet); N = 4 prompts of n_ctx = 16 random-init (N(0, 0.02)) tokens, class token at the end;
+  logits = the OT logits alone, in training and prediction (the official code adds the global
+  logits only on ImageNet). Official training (``plot-coop/configs/trainers/PLOT/rn50.yaml`` and
+  ``train.py``): SGD lr 0.002, cosine, one constant warm-up epoch at 1e-5, batch 128 (32 on Cars,
+  Aircraft, Flowers), 200 epochs for 5 or more shots (50 for 1 shot, 100 for 2 and 4); the preset
+  ``configs/experiments/plot_rn50.yaml`` sets them, since ``configs/methods/plot.yaml``'s ``train``
+  is PLOT++'s.
 * ``plotpp`` (default) -- the official ViT recipe, **PLOT++**: M sets of ``n_ctx_vision`` visual prompt tokens
   (N(0, 0.02)) appended after the patch tokens; each set gives one prompt-conditioned CLS feature,
   and those M features are the local features. The N text prompts start from the per-dataset
@@ -24,7 +34,8 @@ Which features are "local" (``params.local_features``):
   fresh optimizer; here one run carries one schedule across both stages.
 * ``patches`` -- **our own cheap ViT variant**: the M projected patch tokens (``ln_post`` + ``proj``
   of the last layer's patch outputs); N prompts of ``n_ctx`` random-init tokens (PLOT's recipe).
-  The official PLOT code supports only ResNet (local features = the attention-pool grid).
+  The official PLOT code supports only ResNet (``attnpool``); on a ResNet CLIP ``patches`` gives
+  the same attention-pool grid as ``attnpool``.
 * ``value`` -- as ``patches`` with LoCoOp's value-path local features (MaskCLIP-style).
   Both cheap variants need patch tokens aligned with text, which CLIP's are not (see
   configs/methods/plot.yaml for the embedded-world figures); PLOT++ avoids this.
@@ -49,7 +60,9 @@ from ._prompts import PromptLearner, PromptMethod, check_ctx_init_words, sinkhor
 
 @dataclass
 class PLOTConfig:
-    local_features: str = "plotpp"  # [code] plotpp (official ViT recipe) | patches | value (ours)
+    # [code] plotpp (official ViT recipe, PLOT++) | attnpool (official PLOT, ResNet CLIP) |
+    # patches | value (ours)
+    local_features: str = "plotpp"
     n_prompts: int = 4  # [paper][code] N text prompts per class
     n_ctx: int = 16  # [paper][code] context tokens per prompt (plotpp: words of ctx_init_list[0])
     ctx_init: str = ""  # [code] "" = random N(0, 0.02) (patches variant)
@@ -75,8 +88,19 @@ class PLOT(PromptMethod, Method):
         super().__init__(cfg, backbone, ctx)
         self._init_cache()
         self.plotpp = cfg.local_features == "plotpp"
-        if cfg.local_features not in ("patches", "value", "plotpp"):
-            raise ConfigError(f"plot.params.local_features must be plotpp, patches or value, got {cfg.local_features!r}")
+        if cfg.local_features not in ("patches", "value", "plotpp", "attnpool"):
+            raise ConfigError(f"plot.params.local_features must be plotpp, attnpool, patches or value, "
+                              f"got {cfg.local_features!r}")
+        if self.plotpp:
+            backbone.require_vit("PLOT++ (plot.params.local_features=plotpp: visual prompt tokens in the "
+                                 "image transformer; on a ResNet CLIP use local_features=attnpool, the "
+                                 "official PLOT)")
+        if cfg.local_features == "attnpool" and backbone.image_tower != "resnet":
+            raise ConfigError(
+                "plot.params.local_features=attnpool is the official PLOT, whose local features are the "
+                "attention-pool grid of a ResNet CLIP; this backbone is a ViT (no attention pool). Use "
+                "a ResNet CLIP (backbone.model=RN50-quickgelu backbone.pretrained=openai) or, on a ViT, "
+                "local_features=plotpp (the official ViT recipe, PLOT++)")
         if cfg.eps <= 0 or cfg.max_iter < 1:
             raise ConfigError("plot.params.eps must be > 0 and max_iter >= 1")
         if self.plotpp:
@@ -117,13 +141,14 @@ class PLOT(PromptMethod, Method):
         if self.cfg.local_features == "value":
             out = self.backbone.encode_image(images, return_value_local=True)
             return out.value_local, out.pooled
+        # patches (ViT: projected patch tokens) and attnpool (ResNet: the attention-pool grid)
         out = self.backbone.encode_image(images, return_patches=True)
         return out.patches, out.pooled
 
-    def ot_logits(self, images: torch.Tensor, with_global: bool = False) -> torch.Tensor:
+    def transport_plan(self, loc: torch.Tensor, text: torch.Tensor):
+        """(plan ``[B * K, M, N]``, cosine similarities ``[B * K, M, N]``) between local features
+        ``[B, M, E]`` and prompt features ``[N, K, E]``; row ``b * K + k`` is image b, class k."""
         cfg = self.cfg
-        loc, pool = self.local_features(images)
-        text = self.prompt_features()  # [N, K, E]
         loc_n, text_n = F.normalize(loc, dim=-1), F.normalize(text, dim=-1)
         sim = torch.einsum("bmd,nkd->bkmn", loc_n, text_n)  # [B, K, M, N]
         B, K, M, N = sim.shape
@@ -135,6 +160,13 @@ class PLOT(PromptMethod, Method):
             plan = sinkhorn(kern, u, v, cfg.max_iter, cfg.tol)
         if torch.isnan(plan).any():
             raise FloatingPointError("PLOT: the Sinkhorn plan has NaNs (eps too small for the costs?)")
+        return plan, sim
+
+    def ot_logits(self, images: torch.Tensor, with_global: bool = False) -> torch.Tensor:
+        loc, pool = self.local_features(images)
+        text = self.prompt_features()  # [N, K, E]
+        plan, sim = self.transport_plan(loc, text)
+        B, K = loc.shape[0], text.shape[1]
         scale = self.backbone.logit_scale
         logits = scale * (plan.to(sim.dtype) * sim).sum((1, 2)).reshape(B, K)
         if with_global:

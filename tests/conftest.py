@@ -34,6 +34,41 @@ def _micro_checkpoint() -> str:
 
 
 MICRO_CKPT = _micro_checkpoint()
+
+# A random RN50-shaped micro ResNet CLIP (stages [3, 4, 6, 3], width 8, 96-px images -> a 3 x 3
+# attention-pool grid); its text tower has width 64 and 1 head, so the OpenAI state-dict format
+# (heads = width // 64) describes it too.
+MICRO_RN = "test-micro-rn50"
+open_clip.add_model_config(str(TESTS / "assets" / f"{MICRO_RN}.json"))
+
+
+def _micro_rn_checkpoint() -> str:
+    """Seeded random weights; batch-norm scales, shifts and running statistics are randomised too
+    (open_clip zero-initialises each block's last BN scale, which would make every residual
+    branch a no-op and hide a skipped block), and the pool's query and key weights are scaled up
+    (at open_clip's init its attention is nearly uniform, every grid output close to the pooled one)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"ossl-{MICRO_RN}-seed0-v2-{torch.__version__}.pt"
+    if not path.exists():
+        from benchmark.io import atomic_torch_save
+
+        torch.manual_seed(0)
+        model = open_clip.create_model(MICRO_RN, pretrained=None)
+        with torch.no_grad():
+            for m in model.visual.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0.0, 0.1)
+                    m.running_mean.normal_(0.0, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+            model.visual.attnpool.q_proj.weight.mul_(8.0)
+            model.visual.attnpool.k_proj.weight.mul_(8.0)
+        atomic_torch_save(path, model.state_dict())
+    return str(path)
+
+
+MICRO_RN_CKPT = _micro_rn_checkpoint()
 TOY_EXPERIMENT = {
     "name": "toy",
     "backbone": {"model": MICRO, "pretrained": MICRO_CKPT},
@@ -46,6 +81,13 @@ def micro_backbone():
     from benchmark.backbone import BackboneConfig, CLIPBackbone
 
     return CLIPBackbone.load(BackboneConfig(model=MICRO, pretrained=MICRO_CKPT))
+
+
+@pytest.fixture(scope="session")
+def micro_rn_backbone():
+    from benchmark.backbone import BackboneConfig, CLIPBackbone
+
+    return CLIPBackbone.load(BackboneConfig(model=MICRO_RN, pretrained=MICRO_RN_CKPT))
 
 
 def toy_cfg(method="linear_probe", shots=2, seed=1, sets=(), dataset="toy"):
