@@ -237,3 +237,16 @@ def test_plot_rn50_preset_resolves_to_the_official_recipe():
     assert (c.params.local_features, c.params.n_prompts, c.params.n_ctx, c.params.ctx_init) == ("attnpool", 4, 16, "")
     assert (c.train.batch_size, c.train.epochs, c.train.lr, c.train.warmup_epochs) == (128, 200, 0.002, 1)
     assert by[("stanford_cars", 5)].train.batch_size == 32
+
+
+@pytest.mark.parametrize("case", ["zsclip", "clip_adapter", "coop", "locoop", "clip_lora_text"])
+def test_engine_runs_the_method_on_resnet(tmp_path, case):
+    """The engine's whole path (setup with served features, training, cached or direct evaluation)."""
+    from benchmark.engine import Engine, run_dir
+
+    method, sets, _ = CASES[case]
+    cfg = toy_cfg(method, shots=2, sets=RN_SETS + sets + ["train.epochs=1", "train.iterations_per_shot=null",
+                                                            "train.iterations=2"])
+    Engine(tmp_path, log=lambda s: None).run(cfg)
+    r = json.loads((run_dir(tmp_path, cfg) / "result.json").read_text())
+    assert r["config"]["backbone"]["model"] == MICRO_RN and 0.0 <= r["metrics"]["acc"] <= 100.0
