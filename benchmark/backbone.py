@@ -42,20 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import BackboneConfig  # noqa: F401 - the schema lives in config.py; re-exported here
 from .errors import BenchmarkError
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class BackboneConfig:
-    # open_clip model name, e.g. "ViT-B-16" (or "ViT-B-16-quickgelu" for OpenAI weights)
-    model: str = "ossl-tiny-vit"
-    # open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a local checkpoint file, or
-    # "embedded" for the suite's own tiny CLIP checkpoint
-    pretrained: str = "embedded"
-    # where open_clip caches downloaded weights (None: its default)
-    cache_dir: Optional[str] = None
 
 
 @dataclass
@@ -407,10 +397,19 @@ class CLIPBackbone(nn.Module):
         return self.model.positional_embedding.shape[0]
 
     @property
+    def grid_size(self) -> Tuple[int, int]:
+        """(rows, columns) of the image patch grid (a ResNet's attention-pool grid: image_size // 32)."""
+        if self.image_tower == "resnet":
+            n = self.model.visual.attnpool.positional_embedding.shape[0] - 1
+            side = int(round(n ** 0.5))
+            return side, n // side
+        return tuple(self.model.visual.grid_size)
+
+    @property
     def num_patches(self) -> int:
         if self.image_tower == "resnet":  # attention-pool grid: (image_size // 32) ** 2
             return self.model.visual.attnpool.positional_embedding.shape[0] - 1
-        gh, gw = self.model.visual.grid_size
+        gh, gw = self.grid_size
         return gh * gw
 
     @property

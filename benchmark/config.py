@@ -28,7 +28,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from . import ROOT
-from .backbone import BackboneConfig
 from .data import sha256_json
 from .errors import ConfigError, nearest
 
@@ -103,6 +102,19 @@ class DataConfig:
     randaugment_n: int = 2  # strong view: RandAugment(n, m)
     randaugment_m: int = 10
     num_workers: int = field(default=0, metadata=NOHASH)
+
+
+@dataclass
+class BackboneConfig:
+    """Which CLIP (the schema only: benchmark.backbone loads it; this module never imports open_clip)."""
+
+    # open_clip model name, e.g. "ViT-B-16" (or "ViT-B-16-quickgelu" for OpenAI weights)
+    model: str = "ossl-tiny-vit"
+    # open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a local checkpoint file, or
+    # "embedded" for the suite's own tiny CLIP checkpoint
+    pretrained: str = "embedded"
+    # where open_clip caches downloaded weights (None: its default)
+    cache_dir: Optional[str] = None
 
 
 @dataclass

@@ -503,7 +503,7 @@ class Engine:
             return
         size = images.shape[-1]
         raw = np.stack([np.asarray(split.test.image(i).convert("RGB").resize((size, size))) for i in chosen])
-        gh, gw = backbone.model.visual.grid_size
+        gh, gw = backbone.grid_size
         atomic_savez(d / "patches.npz", images=raw, ids=np.array([split.test.ids[i] for i in chosen]),
                      labels=np.array([split.id_classnames[split.test.labels[i]] for i in chosen]),
                      grid=np.array([gh, gw]), **{f"mask_{k}": v.cpu().numpy() for k, v in maps.items()})

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "datasets"))
 
-from benchmark.tinyclip import EMBEDDED_DATASETS, calibrate, format_calibration, in_bands  # noqa: E402
+from _calibration import EMBEDDED_DATASETS, calibrate, format_calibration, in_bands  # noqa: E402
 
 
 def attribute_probe(checkpoint=None, dataset_options=None, datasets=EMBEDDED_DATASETS) -> dict:
@@ -28,7 +28,7 @@ def attribute_probe(checkpoint=None, dataset_options=None, datasets=EMBEDDED_DAT
 
     import _world as W
     from benchmark.registry import DATASETS
-    from benchmark.tinyclip import calibration_backbone, image_features, text_features
+    from _calibration import calibration_backbone, image_features, text_features
 
     bb, tf = calibration_backbone(checkpoint)
     out = {}

@@ -153,7 +153,7 @@ def main(argv=None):
               "marker_scale": args.marker_scale, "device": args.device, "train_seconds": round(time.time() - t1, 1),
               "torch": torch.__version__, "open_clip": open_clip.__version__}
     if out.resolve() != CHECKPOINT.resolve() and not args.no_calibrate:
-        from benchmark.tinyclip import calibrate, format_calibration
+        from _calibration import calibrate, format_calibration
 
         cal = calibrate(checkpoint=out, device=args.device,
                         dataset_options={"marker_scale": args.marker_scale})
@@ -163,7 +163,7 @@ def main(argv=None):
     if out.resolve() == CHECKPOINT.resolve():
         atomic_write_json(RECORD, record)
         if not args.no_calibrate:
-            from benchmark.tinyclip import calibrate, format_calibration
+            from _calibration import calibrate, format_calibration
 
             cal = calibrate()
             print(format_calibration(cal))

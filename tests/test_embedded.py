@@ -87,7 +87,7 @@ def test_unknown_synthetic_dataset_lists_the_known_ones():
 
 
 def test_calibration_bands_loosely():
-    from benchmark.tinyclip import calibrate
+    from _calibration import calibrate
 
     r = calibrate(datasets=("synth_cub",))["synth_cub"]
     assert 15 <= r["zs_acc"] <= 85 and 50 <= r["zs_auroc"] <= 90
