@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from benchmark.backbone import BackboneConfig, CLIPBackbone
 from benchmark.errors import BenchmarkError
-from benchmark.method import Batch, MethodContext, StepState
+from benchmark.method import Batch, LabeledSet, MethodContext, StepState, UnlabeledPool
 from benchmark.registry import METHODS
 from conftest import MICRO_RN, MICRO_RN_CKPT, toy_cfg
 
@@ -138,6 +138,8 @@ CASES = {
     "clip_lora_vision": ("clip_lora", ["params.encoder=vision"], r"encoder=vision.*needs a ViT"),
     "maple": ("maple", [], r"MaPLe's deep visual prompts.*needs a ViT"),
     "cfsg_clip": ("cfsg_clip", [], r"CFSG-CLIP.*patch tokens.*needs a ViT"),
+    "tip_adapter": ("tip_adapter", [], None),
+    "tip_adapter_f": ("tip_adapter_f", [], None),
 }
 
 
@@ -157,11 +159,15 @@ def test_method_on_resnet_steps_or_refuses_clearly(micro_rn_backbone, images, ca
         return
     torch.manual_seed(0)
     m = cls(cfg.params, bb, CTX)
-    y = torch.tensor([0, 1, 2])
+    y, ids = torch.tensor([0, 1, 2]), ["a", "b", "c"]
+    with torch.no_grad():  # what the engine serves to setup (Tip-Adapter builds its cache there)
+        feats = bb.encode_image(images).pooled
+    m.setup(LabeledSet(ids, y, feats, lambda rounds: feats.expand(rounds, *feats.shape)), UnlabeledPool(ids, feats))
     if cls.trains:
         m.train()
-        batch = Batch(x={v: images for v in cls.labeled_views}, y=y,
-                      u={v: images for v in cls.unlabeled_views} if cls.uses_unlabeled else None)
+        batch = Batch(x={v: images for v in cls.labeled_views}, y=y, ids=ids,
+                      u={v: images for v in cls.unlabeled_views} if cls.uses_unlabeled else None,
+                      u_ids=ids if cls.uses_unlabeled else None)
         out = m.training_step(batch, StepState(step=0, total_steps=10, epoch=0, steps_per_epoch=5))
         assert torch.isfinite(out.loss)
         out.loss.backward()
