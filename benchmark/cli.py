@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .engine import Engine
-    from .errors import BenchmarkError
+    from .errors import BenchmarkError, RunLockedError
     from .experiment import DEFAULT_EXPERIMENT, build_grid, load_experiment
     from . import report
 
@@ -88,21 +88,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     results = Path(args.results_dir)
+    if not (args.dry_run or args.status):
+        problem = unwritable(results)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     engine = Engine(results, force=args.force)
     runs = grid.runs
     label = lambda c: f"{c.dataset}/{c.label}/{c.shots}-shot/seed{c.seed}"  # noqa: E731
     print(f"experiment {exp['name']}: {len(grid.methods)} methods x {len(grid.datasets)} datasets x "
           f"shots {grid.shots} x seeds {grid.seeds} = {len(runs)} runs -> {results}")
     if args.dry_run or args.status:
-        counts = Counter()
-        for c in runs:
-            st = engine.status(c)
-            counts[st] += 1
-            if args.dry_run or st != "complete":
-                print(f"  [{st:>8}] {label(c)}")
-        print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        return 0
+        return show_status(engine, runs, label, args.dry_run, args.force)
     failed = []
+    busy = []  # runs another live process holds: waited for after ours
     if not args.report_only:
         todo = [c for c in runs if engine.status(c) != "complete"]
         print(f"{len(runs) - len(todo)} complete, {len(todo)} to run")
@@ -121,6 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             except KeyboardInterrupt:
                 print("interrupted: rerun the same command to resume", file=sys.stderr)
                 return 130
+            except RunLockedError as exc:
+                print(f"  running in process {exc.pid}: its result is awaited at the end")
+                busy.append(c)
+                continue
             except Exception as exc:  # noqa: BLE001 - one failed run must not stop the grid
                 failed.append((label(c), exc))
                 print(f"  FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -135,30 +138,145 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  acc {m['acc']:.2f}  ba {m['ba_closed']:.2f}  auroc {m['auroc']:.2f}  ({dt:.1f}s)")
         if todo:
             print(f"grid finished in {_fmt_s(time.time() - t_grid)}")
-    from .engine import run_dir
-
-    paths = [run_dir(results, c) / "result.json" for c in runs]
-    paths = [p for p in paths if p.exists()]
-    try:
-        df = report.collect(paths)
-        report.write_summary(df, results / "summary.csv")
-        ddof = int((exp.get("table") or {}).get("std_ddof", 0))
-        written = report.write_tables(df, results / "tables", grid.methods, grid.datasets, grid.shots,
-                                      ddof, n_seeds=len(grid.seeds))
-        if not args.no_figures:
-            written += report.write_figures(df, results / "figures", grid.methods, grid.datasets, grid.shots)
-            order = sorted(runs, key=lambda c: (-c.shots, c.seed))  # prefer the most-shot, first seed
-            written += report.write_patch_figures([run_dir(results, c) for c in order], results / "figures")
-    except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {results / 'summary.csv'} and {len(written)} table/figure files")
-    md = results / "tables" / "table1_acc.md"
-    if md.exists():
-        print(md.read_text())
+        if busy and not (failed and args.fail_fast):
+            failed += await_others(engine, busy, label)
+    incomplete = [(c, engine.status(c)) for c in runs]
+    incomplete = [(c, st) for c, st in incomplete if st != "complete"]
+    if incomplete:
+        # tables only from a complete, single-config grid: the old ones are marked stale
+        stale = report.mark_stale(results, [f"{label(c)}: {st}" for c, st in incomplete])
+        print(f"tables not written: {len(incomplete)} of {len(runs)} runs are not complete"
+              + (f"; the previous summary, tables and figures were renamed *.stale ({len(stale)} files)"
+                 if stale else ""), file=sys.stderr)
+        for c, st in incomplete[:20]:
+            print(f"  [{st:>8}] {label(c)}", file=sys.stderr)
+        if len(incomplete) > 20:
+            print(f"  ... and {len(incomplete) - 20} more (--status lists them)", file=sys.stderr)
+    else:
+        rc = write_reports(report, engine, grid, exp, runs, results, args.no_figures)
+        if rc:
+            return rc
     if failed:
         print(f"{len(failed)} run(s) failed:", file=sys.stderr)
         for name, exc in failed:
             print(f"  {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    return 1 if incomplete else 0
+
+
+def write_reports(report, engine, grid, exp, runs, results: Path, no_figures: bool) -> int:
+    """Tables, then summary.csv, then figures, from the grid's (complete) runs. A table that
+    refuses the cells (mixed configurations) leaves every output untouched but marked stale."""
+    from .engine import run_dir
+    from .errors import BenchmarkError
+
+    paths = [run_dir(results, c) / "result.json" for c in runs]
+    try:
+        df = report.collect(paths)
+        ddof = int((exp.get("table") or {}).get("std_ddof", 0))
+        written = report.write_tables(df, results / "tables", grid.methods, grid.datasets, grid.shots,
+                                      ddof, n_seeds=len(grid.seeds))
+        report.write_summary(df, results / "summary.csv")
+        if not no_figures:
+            written += report.write_figures(df, results / "figures", grid.methods, grid.datasets, grid.shots)
+            order = sorted(runs, key=lambda c: (-c.shots, c.seed))  # prefer the most-shot, first seed
+            written += report.write_patch_figures([run_dir(results, c) for c in order], results / "figures")
+    except BenchmarkError as exc:
+        report.mark_stale(results, [str(exc)])
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report.clear_stale(results)
+    print(f"wrote {results / 'summary.csv'} and {len(written)} table/figure files")
+    md = results / "tables" / "table1_acc.md"
+    if md.exists():
+        print(md.read_text())
     return 0
+
+
+def unwritable(results: Path) -> Optional[str]:
+    """Why the results directory cannot be written (None when it can): checked once, up front."""
+    import tempfile
+
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        for d in [results] + [results / n for n in ("runs", "splits", "tables", "figures") if (results / n).is_dir()]:
+            with tempfile.NamedTemporaryFile(dir=d, prefix=".write-test-"):
+                pass
+    except OSError as exc:
+        return (f"the results directory {results} is not writable ({type(exc).__name__}: "
+                f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}). Fix its "
+                f"permissions or free space, or choose another --results-dir.")
+    return None
+
+
+def show_status(engine, runs, label, dry_run: bool, force: bool) -> int:
+    """``--status`` / ``--dry-run``: each run's state, the damaged files and why; ``--dry-run`` also
+    checks what each pending run needs (dataset root and layout, shots per class) and returns 1 if
+    any run would fail."""
+    from .checks import data_problem
+    from .engine import run_dir
+    from .integrity import inspect_run
+    from .protocol import manifest_problem
+
+    counts, would_fail, memo, manifests = Counter(), 0, {}, set()
+    for c in runs:
+        st = engine.status(c)
+        counts[st] += 1
+        notes = [f"{p.name}: {why} (quarantined and redone by the next run)"
+                 for p, why in inspect_run(run_dir(engine.results_dir, c))]
+        bad = manifest_problem(engine.results_dir, c.dataset, c.shots, c.seed)
+        if bad and bad[0] not in manifests:
+            manifests.add(bad[0])
+            print(f"  damaged split manifest {bad[0]}: {bad[1]} (set aside and rewritten by the next run)")
+        fail = None
+        if dry_run and st != "complete":
+            fail = data_problem(engine, c, memo)
+            if fail is None and st == "stale" and not force:
+                fail = "finished with another config: pass --force to rerun it (the old result is archived)"
+        if dry_run or st != "complete" or notes:
+            print(f"  [{st:>8}] {label(c)}" + (f"  WOULD FAIL: {fail}" if fail else ""))
+            for n in notes:
+                print(f"             {n}")
+        would_fail += fail is not None
+    print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if would_fail:
+        print(f"{would_fail} run(s) would fail (see WOULD FAIL above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def await_others(engine, busy, label, poll_s: float = 2.0) -> list:
+    """Wait until no other live process holds any of ``busy`` (runs they were running when we
+    reached them), then run those still not complete (their runner died). Returns the failures."""
+    from .engine import RunLock, run_dir
+
+    def holder(c):
+        lock = run_dir(engine.results_dir, c) / ".lock"
+        try:
+            pid = int(lock.read_text() or "0")
+        except (OSError, ValueError):
+            return None
+        from .engine import _alive
+        return pid if pid and pid != os.getpid() and _alive(pid) else None
+
+    said = False
+    while True:
+        held = {holder(c) for c in busy} - {None}
+        if not held:
+            break
+        if not said:
+            print(f"waiting for {len(busy)} run(s) held by process(es) {', '.join(map(str, sorted(held)))}",
+                  flush=True)
+            said = True
+        time.sleep(poll_s)
+    failed = []
+    for c in busy:
+        if engine.status(c) == "complete":
+            continue
+        print(f"[rerun] {label(c)} (its other runner stopped)", flush=True)
+        try:
+            engine.run(c)
+        except Exception as exc:  # noqa: BLE001 - as in the main loop
+            failed.append((label(c), exc))
+            print(f"  FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return failed

@@ -101,7 +101,8 @@ class DataConfig:
     crop_scale: Tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale of the train views
     randaugment_n: int = 2  # strong view: RandAugment(n, m)
     randaugment_m: int = 10
-    num_workers: int = field(default=0, metadata=NOHASH)
+    # loader worker processes; null [default]: 0 on CPU, min(8, CPUs this process may use) on CUDA
+    num_workers: Optional[int] = field(default=None, metadata=NOHASH)
 
 
 @dataclass

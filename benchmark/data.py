@@ -62,6 +62,10 @@ class DatasetPlugin:
     needs_root: ClassVar[bool] = True
     # a short description for ``run_all.py --list``
     description: ClassVar[str] = ""
+    # declared range of each numeric option (checked before a run, see benchmark/checks.py):
+    # "[1, inf)", or ("[1, inf)", True) for whole numbers (a third element: the words that switch
+    # the option off, e.g. ("off", "none"))
+    option_ranges: ClassVar[Dict[str, object]] = {}
 
     def __init__(self, root: Optional[Path] = None, **options):
         self.root = Path(root) if root is not None else None

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from . import ROOT, __version__
 from .backbone import BackboneConfig, CLIPBackbone
 from .config import RunConfig, cell_hash, config_hash, to_dict
-from .errors import BenchmarkError, ConfigError, ResultExistsError
+from .errors import BenchmarkError, ConfigError, ResultExistsError, RunLockedError
+from .checks import check_config
+from .integrity import heal_run, inspect_run, load_checkpoint, trim_log
 from .io import atomic_savez, atomic_torch_save, atomic_write_json
 from .loader import (FeatureCache, StepBatches, ViewBatch, build_transforms, encode_augmented, eval_loader,
-                     stream_loader)
+                     stream_loader, with_loader_workers)
 from .method import Batch, LabeledSet, Method, MethodContext, Prediction, StepState, UnlabeledPool
 from .metrics import compute_all
 from .protocol import OSSLSplit, load_or_create
@@ -145,7 +147,7 @@ class RunLock:
                 except (ValueError, OSError):
                     pid = 0
                 if pid and pid != os.getpid() and _alive(pid):
-                    raise BenchmarkError(f"{self.path.parent} is being run by process {pid}")
+                    raise RunLockedError(self.path.parent, pid)
                 self.path.unlink(missing_ok=True)
         raise BenchmarkError(f"could not lock {self.path}")
 
@@ -200,14 +202,14 @@ class Engine:
 
     # -- status -------------------------------------------------------------------------------
     def status(self, cfg: RunConfig) -> str:
-        """complete | stale (finished with another config hash) | partial | failed | missing"""
+        """complete | stale (finished with another config hash) | partial | failed | missing |
+        damaged (a file of the run is truncated or corrupt: :meth:`damaged` says which)"""
         d = run_dir(self.results_dir, cfg)
+        if inspect_run(d):
+            return "damaged"
         res = d / "result.json"
         if res.exists():
-            try:
-                r = json.loads(res.read_text())
-            except json.JSONDecodeError:
-                return "failed"
+            r = json.loads(res.read_text())
             return "complete" if r.get("config_hash") == config_hash(cfg) else "stale"
         if (d / "checkpoint.pt").exists():
             return "partial"
@@ -215,22 +217,32 @@ class Engine:
             return "failed"
         return "missing"
 
+    def damaged(self, cfg: RunConfig) -> List[Tuple[Path, str]]:
+        """The run's damaged files and why (its split manifest included)."""
+        from .protocol import manifest_problem
+        out = inspect_run(run_dir(self.results_dir, cfg))
+        why = manifest_problem(self.results_dir, cfg.dataset, cfg.shots, cfg.seed)
+        return out + ([why] if why else [])
+
     # -- one run ------------------------------------------------------------------------------
     def run(self, cfg: RunConfig) -> dict:
         d = run_dir(self.results_dir, cfg)
         chash = config_hash(cfg)
         res_path = d / "result.json"
-        if res_path.exists():
-            old = json.loads(res_path.read_text())
-            if old.get("config_hash") == chash:
-                return old
-            if not self.force:
-                raise ResultExistsError(
-                    f"{res_path} holds a finished run with config hash {old.get('config_hash')} but the "
-                    f"requested config hashes to {chash}. Pass --force to rerun (the old result is "
-                    f"archived, not overwritten), or use another --results-dir.")
-            self._archive(d)
+        check_config(cfg)
         with RunLock(d):
+            heal_run(d, self._archive, self.log)  # damaged files: quarantined, the run redone
+            if res_path.exists():
+                old = json.loads(res_path.read_text())
+                if old.get("config_hash") == chash:
+                    return old
+                if not self.force:
+                    raise ResultExistsError(
+                        f"{res_path} holds a finished run with config hash {old.get('config_hash')} but "
+                        f"the requested config hashes to {chash}. Pass --force to rerun (the old result "
+                        f"is archived, not overwritten), or use another --results-dir.")
+                self.preflight(cfg)  # a --force with a bad new config must not archive the result
+                self._archive(d)
             try:
                 result = self._run(cfg, d, chash)
             except BaseException as exc:
@@ -240,9 +252,27 @@ class Engine:
         (d / "error.txt").unlink(missing_ok=True)
         return result
 
+    def preflight(self, cfg: RunConfig) -> None:
+        """Build everything a run needs (dataset and its split, backbone, method) without training
+        or writing results: a bad config fails here, before ``--force`` archives anything."""
+        check_config(cfg)
+        device = resolve_device(cfg.device)
+        autocast_for(device, cfg.train.amp)
+        method_cls = METHODS.get(cfg.method)
+        plugin = self.dataset(cfg.dataset, cfg)
+        split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir)
+        backbone = self.backbone_for(method_cls, cfg.backbone, device)
+        ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
+                            dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            method_cls(cfg.params, backbone, ctx)
+
     def _archive(self, d: Path) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        arch = d / "archive" / stamp
+        arch, n = d / "archive" / stamp, 1
+        while arch.exists():  # two archivings within one second must not overwrite each other
+            n += 1
+            arch = d / "archive" / f"{stamp}-{n}"
         arch.mkdir(parents=True, exist_ok=True)
         for name in ("result.json", "predictions.npz", "learned.pt", "checkpoint.pt", "log.jsonl"):
             if (d / name).exists():
@@ -253,6 +283,7 @@ class Engine:
         t0 = time.time()
         device = resolve_device(cfg.device)
         autocast = autocast_for(device, cfg.train.amp)
+        cfg = with_loader_workers(cfg, device)  # data.num_workers: null -> what the machine has
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         method_cls = METHODS.get(cfg.method)
@@ -365,8 +396,8 @@ class Engine:
         ckpt_path = d / "checkpoint.pt"
         train_seconds = 0.0
         resumed = None
-        if ckpt_path.exists():
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(ckpt_path, self.log)  # None: absent, or damaged and quarantined
+        if ck is not None:
             if ck.get("config_hash") != chash:
                 if not self.force:
                     raise ResultExistsError(
@@ -392,6 +423,7 @@ class Engine:
         crash_after = int(os.environ.get(CRASH_ENV, "-1"))
         method.train()
         last_ck_t, last_ck_step = time.time(), start
+        trim_log(d / "log.jsonl", start)  # records past the checkpoint were logged before a kill
         logf = open(d / "log.jsonl", "a")
         t_start = time.time()
         try:

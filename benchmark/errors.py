@@ -42,6 +42,14 @@ class ResultExistsError(BenchmarkError):
     pass
 
 
+class RunLockedError(BenchmarkError):
+    """Another live process holds the run's lock (it is running that run now)."""
+
+    def __init__(self, folder, pid: int):
+        super().__init__(f"{folder} is being run by process {pid}")
+        self.folder, self.pid = folder, pid
+
+
 def nearest(name: str, candidates: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.0)
     return close[0] if close else None

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import ROOT
+from .checks import check_config, parse_ints
 from .config import RunConfig, load_yaml, resolve
 from .errors import ConfigError, UnknownNameError, nearest
 from .registry import DATASETS, METHODS
@@ -112,8 +113,8 @@ def build_grid(exp: Dict[str, Any], methods: Optional[List[str]] = None,
     exp = copy.deepcopy(exp)
     m = expand_methods(methods or exp.get("methods"))
     d = _as_list(datasets or exp.get("datasets"), "datasets")
-    k = [int(x) for x in _as_list(shots or exp.get("shots"), "shots")]
-    s = [int(x) for x in _as_list(seeds or exp.get("seeds"), "seeds")]
+    k = parse_ints(_as_list(shots or exp.get("shots"), "shots"), "shots")  # checked: whole, >= 1
+    s = parse_ints(_as_list(seeds or exp.get("seeds"), "seeds"), "seeds")
     variants = exp.get("variants") or {}
     for label, v in variants.items():
         if not isinstance(v, dict) or "method" not in v or set(v) - {"method", "config"}:
@@ -149,4 +150,6 @@ def build_grid(exp: Dict[str, Any], methods: Optional[List[str]] = None,
                                                  label=name, variant_config=v.get("config")))
                     else:
                         grid.runs.append(resolve(METHODS.get(name), ds, shot, seed, ds_exp, extra))
+    for run in grid.runs:  # every declared range, before anything runs
+        check_config(run)
     return grid

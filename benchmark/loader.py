@@ -8,7 +8,9 @@ number of loader workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import os
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -196,3 +198,37 @@ class FeatureCache:
         out = torch.cat(feats)
         atomic_torch_save(path, out)
         return out
+
+
+# data.num_workers: null [default] -> at most this many workers on CUDA (one per CPU up to 8: JPEG
+# decoding of a ViT-L/14 grid keeps about 8 busy; more only adds memory)
+AUTO_WORKERS_MAX = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or a job's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: Optional[int], device) -> int:
+    """The loader worker count of a run: ``requested`` when set; otherwise 0 on CPU (the model
+    already uses every core through torch's threads, and workers would compete with it and start up
+    again for every loader) and ``min(AUTO_WORKERS_MAX, available_cpus())`` on CUDA, never more
+    workers than CPUs (DataLoader warns about that, and they would only contend)."""
+    if requested is not None:
+        return int(requested)
+    if getattr(device, "type", str(device)) != "cuda":
+        return 0
+    return min(AUTO_WORKERS_MAX, available_cpus())
+
+
+def with_loader_workers(cfg, device):
+    """``cfg`` with ``data.num_workers`` resolved by :func:`loader_workers` (a copy; the field is
+    not part of the config hash)."""
+    n = loader_workers(cfg.data.num_workers, device)
+    if n == cfg.data.num_workers:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=n))

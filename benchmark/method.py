@@ -143,6 +143,9 @@ class Method(nn.Module):
     #: text tower (``train.short_text``) then draws fewer of them (none for the positions after the
     #: EOT), so the option joins the config hash of this method's runs
     random_text_tower: ClassVar[bool] = False
+    #: declared range of each numeric ``Config`` field, e.g. ``{"n_ctx": "[1, inf)"}`` (checked
+    #: before a run, see benchmark/checks.py)
+    param_ranges: ClassVar[Dict[str, str]] = {}
     #: names of buffers that are learned state (e.g. a cache of class prototypes)
     learned_buffers: ClassVar[Tuple[str, ...]] = ()
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from .data import DatasetPlugin, Split, sha256_json
 from .errors import DatasetError
+from .integrity import check_json, quarantine
 from .io import atomic_write_text
 
 PROTOCOL_VERSION = 1
@@ -59,7 +60,9 @@ def build_manifest(name: str, classnames: List[str], train: Split, test: Split,
     rng = random.Random(seed)
     labeled: List[List] = []
     for c in range(K):
-        members = [train.ids[i] for i in np.flatnonzero(train.labels == c)]
+        # canonical order (ids sorted): the sample depends on the images, not on the order the
+        # dataset's layout listed them in (CoOp's split JSON vs the official annotation files)
+        members = sorted(train.ids[i] for i in np.flatnonzero(train.labels == c))
         if len(members) < shots:
             raise DatasetError(
                 f"{name}: class {c} ({classnames[c]!r}) has only {len(members)} training images, "
@@ -73,8 +76,8 @@ def build_manifest(name: str, classnames: List[str], train: Split, test: Split,
         "num_classes": C,
         "num_known": K,
         "known_classnames": classnames[:K],
-        "train_fingerprint": train.fingerprint(),
-        "test_fingerprint": test.fingerprint(),
+        "train_fingerprint": canonical_fingerprint(train),
+        "test_fingerprint": canonical_fingerprint(test),
         "labeled": labeled,
         "unlabeled": "all train images (ID + OOD, labeled included)",
         "num_unlabeled": len(train),
@@ -83,6 +86,25 @@ def build_manifest(name: str, classnames: List[str], train: Split, test: Split,
     }
     body["hash"] = sha256_json(body)
     return body
+
+
+def canonical_fingerprint(split: Split) -> str:
+    """:meth:`Split.fingerprint` of the samples in canonical order (sorted ids): the same samples
+    listed in another order give the same fingerprint (equal to the plain one when the split is
+    already sorted, as the embedded datasets and the real-data plugins are)."""
+    order = sorted(range(len(split.ids)), key=split.ids.__getitem__)
+    if order == list(range(len(split.ids))):
+        return split.fingerprint()
+    return Split(ids=[split.ids[i] for i in order], labels=split.labels[order], loader=split.loader).fingerprint()
+
+
+def manifest_problem(results_dir: Path, dataset: str, shots: int, seed: int):
+    """``(path, why)`` when the split manifest exists but cannot be read back, else None."""
+    path = manifest_path(results_dir, dataset, shots, seed)
+    if not path.exists():
+        return None
+    why = check_json(path, ("hash", "labeled", "num_known", "known_classnames"))
+    return (path, why) if why else None
 
 
 def manifest_path(results_dir: Path, dataset: str, shots: int, seed: int) -> Path:
@@ -98,6 +120,9 @@ def load_or_create(plugin: DatasetPlugin, shots: int, seed: int, results_dir: Pa
             raise DatasetError(f"{plugin.name}: {sname} labels must lie in [0, {C}) for {C} classes")
     path = manifest_path(results_dir, plugin.name, shots, seed)
     fresh = build_manifest(plugin.name, classnames, train, test, shots, seed)
+    bad = manifest_problem(results_dir, plugin.name, shots, seed)
+    if bad:  # truncated or unparsable: set aside (never deleted) and written again from the data
+        quarantine(path, f"{bad[1]}; a new manifest is written from the dataset")
     if path.exists():
         manifest = json.loads(path.read_text())
         stored_hash = manifest.get("hash")

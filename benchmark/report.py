@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BenchmarkError
+from .integrity import RESULT_KEYS, check_json
 from .io import atomic_write_text
 
 TABLES = {  # file stem -> (metric, title)
@@ -33,6 +35,10 @@ FIGURE_METRICS = ("acc", "ba_closed", "auroc", "h_score")
 def collect(result_paths: Iterable[Path]) -> pd.DataFrame:
     rows = []
     for p in result_paths:
+        why = check_json(Path(p), RESULT_KEYS)
+        if why:
+            raise BenchmarkError(f"{p} is damaged ({why}); run run_all.py again: it sets the file aside "
+                                 f"and redoes the run")
         r = json.loads(Path(p).read_text())
         for metric, value in r["metrics"].items():
             if metric == "open_threshold":
@@ -228,3 +234,42 @@ def _save_figure(fig, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+STALE_NOTE = "STALE.txt"
+
+
+def _derived_files(results: Path) -> List[Path]:
+    results = Path(results)
+    out = [results / "summary.csv"]
+    for sub, exts in (("tables", ("md", "tex", "csv")), ("figures", ("png",))):
+        for e in exts:
+            out += sorted((results / sub).glob(f"*.{e}"))
+    return [p for p in out if p.is_file()]
+
+
+def mark_stale(results: Path, reasons: Sequence[str]) -> List[Path]:
+    """The summary, tables and figures no longer describe the requested grid (a cell is missing,
+    failed, damaged or ran with another config): each is renamed ``<name>.stale`` (never shown as
+    current, never deleted) and ``tables/STALE.txt`` says why. Returns the renamed files."""
+    results = Path(results)
+    moved = []
+    for p in _derived_files(results):
+        target = p.with_name(p.name + ".stale")
+        os.replace(p, target)
+        moved.append(target)
+    note = ("The summary, tables and figures of this results directory are stale: the requested grid "
+            "is not complete or not one configuration per cell. The previous files are kept as "
+            "*.stale. Rerun run_all.py (with --force where a config changed) to rebuild them.\n\n"
+            + "".join(f"- {r}\n" for r in reasons))
+    atomic_write_text(results / "tables" / STALE_NOTE, note)
+    return moved
+
+
+def clear_stale(results: Path) -> None:
+    """After a complete rebuild: drop the stale marker and the superseded ``*.stale`` copies."""
+    results = Path(results)
+    (results / "tables" / STALE_NOTE).unlink(missing_ok=True)
+    for p in [results / "summary.csv.stale"] + sorted((results / "tables").glob("*.stale")) \
+            + sorted((results / "figures").glob("*.stale")):
+        p.unlink(missing_ok=True)

@@ -123,6 +123,7 @@ class RealDataset(DatasetPlugin):
     # official (classes, train pool, test) sizes, for a warning on partial copies
     official_sizes: ClassVar[Tuple[int, int, int]] = (0, 0, 0)
     extra_options: ClassVar[Dict[str, object]] = {}
+    option_ranges = {"image_cache": ("[16, inf)", True, ("0", "off", "none"))}  # null/off: no cache
 
     def __init__(self, root=None, layout: str = "auto", image_cache=None, **options):
         valid = {"layout", "image_cache", *self.extra_options}
@@ -211,7 +212,7 @@ class RealDataset(DatasetPlugin):
     def index(self) -> Index:
         if self._index is None:
             folder, lay = self.locate()
-            idx = self.read(folder, lay)
+            idx = canonical_order(self.read(folder, lay))
             self._validate(idx)
             self._index = idx
         return self._index
@@ -259,6 +260,16 @@ class RealDataset(DatasetPlugin):
             warnings.warn(f"{where}: {got[0]} classes, {got[1]} train and {got[2]} test images; the "
                           f"official dataset has {exp[0]} / {exp[1]} / {exp[2]}. Results will not be "
                           f"comparable to the paper's.", UserWarning, stacklevel=3)
+
+
+def canonical_order(idx: Index) -> Index:
+    """Each split's samples sorted by id (their relative path): the order, and so the split
+    manifest, the unlabeled stream and the test order, no longer depend on which layout's files
+    listed them (CoOp's JSON lists Stanford Cars' training images in another order than the devkit)."""
+    for s, (ids, labels) in list(idx.splits.items()):
+        order = sorted(range(len(ids)), key=list(ids).__getitem__)
+        idx.splits[s] = ([ids[i] for i in order], np.asarray(labels, dtype=np.int64)[order])
+    return idx
 
 
 # -- readers shared by the plugins ---------------------------------------------------------------

@@ -13,6 +13,10 @@ from . import _world as W
 class _Synthetic(DatasetPlugin):
     family: str = ""
     needs_root = False
+    option_ranges = {"n_known": ("[1, 24]", True),  # 2 x n_known classes out of 64 attribute combinations
+                     "train_per_class": ("[1, inf)", True), "test_per_class": ("[1, inf)", True),
+                     "seed": ("[0, 4294967295]", True), "difficulty": "[0, inf)", "cast": "(0, inf)",
+                     "marker_scale": "(0, 1]"}
 
     def __init__(self, root=None, n_known: int = 12, train_per_class: int = 30,
                  test_per_class: int = 15, seed: int = 0, difficulty: float = 3.0,

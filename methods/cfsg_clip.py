@@ -68,6 +68,10 @@ class CFSGCLIP(Method):
     """CFSG-CLIP: coarse-to-fine semantic guidance with semi-supervised training (CVPR 2025)."""
 
     Config = CFSGConfig
+    # declared ranges of the numeric parameters (benchmark/checks.py)
+    param_ranges = {"n_ctx": "[1, inf)", "top_k": "[1, inf)", "depth": "[1, inf)",
+                    "tau": "(0, inf)", "threshold": "[0, 1]", "lambda_c": "[0, inf)",
+                    "lambda_f": "[0, inf)", "weight_temperature": "(0, inf)"}
     uses_unlabeled = True
     labeled_views = ("weak",)
     unlabeled_views = ("weak", "strong")

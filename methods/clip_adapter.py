@@ -58,6 +58,7 @@ class CLIPAdapter(Method):
     """CLIP-Adapter: residual bottleneck adapter on the CLIP image feature (IJCV 2023)."""
 
     Config = CLIPAdapterConfig
+    param_ranges = {"reduction": "[1, inf)", "ratio": "[0, 1]"}  # declared ranges (benchmark/checks.py)
     frozen_image_encoder = True
 
     def __init__(self, cfg: CLIPAdapterConfig, backbone, ctx):

@@ -44,6 +44,8 @@ class CLIPLoRA(Method):
     """CLIP-LoRA: low-rank adapters on q, k, v of both CLIP towers (CVPRW 2024)."""
 
     Config = CLIPLoRAConfig
+    # declared ranges of the numeric parameters (benchmark/checks.py)
+    param_ranges = {"rank": "[1, inf)", "alpha": "(0, inf)", "dropout": "[0, 1)"}
     modifies_backbone = True
     random_text_tower = True  # LoRA dropout in the text tower: train.short_text changes its draws
 

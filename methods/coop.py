@@ -42,6 +42,7 @@ class CoOp(PromptMethod, Method):
     """CoOp: learnable shared text context (IJCV 2022)."""
 
     Config = CoOpConfig
+    param_ranges = {"n_ctx": "[1, inf)"}  # declared ranges (benchmark/checks.py)
     frozen_image_encoder = True  # predictions depend on the image only through CLIP's pooled feature
 
     def __init__(self, cfg: CoOpConfig, backbone, ctx):

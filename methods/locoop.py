@@ -62,6 +62,9 @@ class LoCoOp(CoOp):
     """LoCoOp: CoOp + entropy maximisation on label-irrelevant local features (NeurIPS 2023)."""
 
     Config = LoCoOpConfig
+    # declared ranges of the numeric parameters (benchmark/checks.py)
+    param_ranges = {"n_ctx": "[1, inf)", "lambda_ood": "[0, inf)", "top_k_fraction": "(0, 1]",
+                    "top_k": "[0, inf)", "temperature": "(0, inf)"}
     frozen_image_encoder = False  # needs the local (value-path) features at evaluation too
 
     def __init__(self, cfg: LoCoOpConfig, backbone, ctx):

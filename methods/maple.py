@@ -45,6 +45,7 @@ class MaPLe(PromptMethod, Method):
     """MaPLe: deep coupled vision-language prompts (CVPR 2023)."""
 
     Config = MaPLeConfig
+    param_ranges = {"n_ctx": "[1, inf)", "prompt_depth": "[1, inf)"}  # declared ranges (benchmark/checks.py)
 
     def __init__(self, cfg: MaPLeConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)

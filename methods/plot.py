@@ -83,6 +83,10 @@ class PLOT(PromptMethod, Method):
     """PLOT: N prompts per class matched to local visual features by optimal transport (ICLR 2023)."""
 
     Config = PLOTConfig
+    # declared ranges of the numeric parameters (benchmark/checks.py)
+    param_ranges = {"n_prompts": "[1, inf)", "n_ctx": "[1, inf)", "eps": "(0, inf)",
+                    "max_iter": "[1, inf)", "tol": "[0, inf)", "n_visual_prompts": "[1, inf)",
+                    "n_ctx_vision": "[1, inf)", "stage1_fraction": "[0, 1]"}
 
     def __init__(self, cfg: PLOTConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)

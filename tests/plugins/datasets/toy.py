@@ -24,6 +24,8 @@ class Toy(DatasetPlugin):
     template = "a photo of a {}."
     needs_root = False
     description = "random test images (tests only)"
+    option_ranges = {"num_classes": ("[2, 26]", True), "per_class": ("[1, inf)", True),
+                     "size": ("[8, inf)", True), "seed": ("[0, 4294967295]", True)}
 
     def __init__(self, root=None, num_classes: int = 6, per_class: int = 8, size: int = 32, seed: int = 0):
         super().__init__(root)
