@@ -228,3 +228,29 @@ def data_problem(engine, cfg, memo: Optional[dict] = None) -> Optional[str]:
     if memo is not None:
         memo[key] = why
     return why
+
+
+def check_dataset_options(runs) -> None:
+    """Build each distinct (dataset, options) plugin once: a misspelt or ill-typed dataset option
+    fails before anything runs (plugins read no files when they are built)."""
+    import inspect
+    import json
+
+    from .errors import BenchmarkError
+    from .registry import DATASETS
+
+    seen = set()
+    for cfg in runs:
+        key = (cfg.dataset, json.dumps(cfg.data.options, sort_keys=True, default=str))
+        if key in seen:
+            continue
+        seen.add(key)
+        cls = DATASETS.get(cfg.dataset)
+        try:
+            cls(root=cfg.data.root, **(cfg.data.options or {}))
+        except BenchmarkError:
+            raise
+        except (TypeError, ValueError) as exc:
+            params = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "root")]
+            raise ConfigError(f"dataset {cfg.dataset!r}: bad data.options {cfg.data.options!r} ({exc}). "
+                              f"Its options: {', '.join(params) or '(none)'}.") from None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import ROOT
-from .checks import check_config, parse_ints
+from .checks import check_config, check_dataset_options, parse_ints
 from .config import RunConfig, load_yaml, resolve
 from .errors import ConfigError, UnknownNameError, nearest
 from .registry import DATASETS, METHODS
@@ -152,4 +152,5 @@ def build_grid(exp: Dict[str, Any], methods: Optional[List[str]] = None,
                         grid.runs.append(resolve(METHODS.get(name), ds, shot, seed, ds_exp, extra))
     for run in grid.runs:  # every declared range, before anything runs
         check_config(run)
+    check_dataset_options(grid.runs)
     return grid

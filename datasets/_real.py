@@ -58,16 +58,38 @@ def load_image(path: Path) -> Image.Image:
                            f"corrupt or truncated. Re-extract it from the dataset archive.") from exc
 
 
+class CropBottom:
+    """Removes the bottom ``pixels`` rows of an image (FGVC-Aircraft's copyright banner)."""
+
+    def __init__(self, pixels: int):
+        self.pixels = int(pixels)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        if h <= self.pixels:
+            raise DatasetError(f"an image of height {h} px has no rows left after cropping its bottom "
+                               f"{self.pixels} px")
+        return img.crop((0, 0, w, h - self.pixels))
+
+    def size(self, w: int, h: int) -> Tuple[int, int]:
+        return w, h - self.pixels
+
+    def __repr__(self) -> str:
+        return f"crop_bottom={self.pixels}"
+
+
 class FileImageLoader:
     """``loader(i)`` of a :class:`Split`: decodes ``base / ids[i]`` on demand (picklable for
-    DataLoader workers)."""
+    DataLoader workers); ``op`` (e.g. :class:`CropBottom`) is applied to every decoded image."""
 
-    def __init__(self, base: Path, ids: Sequence[str]):
+    def __init__(self, base: Path, ids: Sequence[str], op=None):
         self.base = Path(base)
         self.ids = list(ids)
+        self.op = op
 
     def __call__(self, i: int) -> Image.Image:
-        return load_image(self.base / self.ids[i])
+        img = load_image(self.base / self.ids[i])
+        return self.op(img) if self.op is not None else img
 
 
 # -- layouts -----------------------------------------------------------------------------------
@@ -156,6 +178,11 @@ class RealDataset(DatasetPlugin):
     def expected_sizes(self) -> Tuple[int, int, int]:
         return self.official_sizes
 
+    def pixel_op(self):
+        """A picklable callable applied to every decoded image (before the image cache resizes
+        it), or None. FGVC-Aircraft's ``crop_banner`` uses it."""
+        return None
+
     # -- locating the dataset ---------------------------------------------------------------------
     def candidate_folders(self) -> List[Path]:
         if self.root is None:
@@ -226,12 +253,15 @@ class RealDataset(DatasetPlugin):
         if split not in self._splits:
             idx = self.index()
             ids, labels = idx.splits[split]
+            op = self.pixel_op()
             if self.image_cache:
                 cache = ImageCache(image_cache_dir(), self.image_cache)
-                loader = cache.open_or_build(f"{self.name}-{split}", idx.image_base, ids)
+                loader = cache.open_or_build(f"{self.name}-{split}", idx.image_base, ids, op)
                 variant = f"image_cache={self.image_cache}"
             else:
-                loader, variant = FileImageLoader(idx.image_base, ids), ""
+                loader, variant = FileImageLoader(idx.image_base, ids, op), ""
+            if op is not None:  # other pixels: part of the frozen-feature cache key
+                variant = ",".join(v for v in (variant, repr(op)) if v)
             s = Split(ids=list(ids), labels=labels, loader=loader, variant=variant)
             self._splits[split] = s
         return self._splits[split]
@@ -401,8 +431,10 @@ def resized_size(w: int, h: int, short: int) -> Tuple[int, int]:
     return max(1, round(w * f)), max(1, round(h * f))
 
 
-def decode_resized(path: Path, short: int) -> np.ndarray:
+def decode_resized(path: Path, short: int, op=None) -> np.ndarray:
     img = load_image(path)
+    if op is not None:
+        img = op(img)
     size = resized_size(*img.size, short)
     if size != img.size:
         img = img.resize(size, Image.BICUBIC)
@@ -420,10 +452,11 @@ def _header_size(path: Path) -> Tuple[int, int]:
                            f"corrupt or truncated") from exc
 
 
-def _fill(data_path: str, paths: List[str], offsets: List[int], nbytes: List[int], short: int) -> None:
+def _fill(data_path: str, paths: List[str], offsets: List[int], nbytes: List[int], short: int,
+          op=None) -> None:
     data = np.load(data_path, mmap_mode="r+")
     for p, off, n in zip(paths, offsets, nbytes):
-        arr = decode_resized(Path(p), short)
+        arr = decode_resized(Path(p), short, op)
         if arr.size != n:
             raise DatasetError(f"image {p} decoded to {arr.shape}, not the size its header announced; "
                                f"the file changed while the image cache was built: rerun")
@@ -471,8 +504,10 @@ class ImageCache:
         self.short = int(short_side)
         self.workers = workers if workers is not None else min(8, os.cpu_count() or 1)
 
-    def key(self, base: Path, ids: Sequence[str]) -> str:
+    def key(self, base: Path, ids: Sequence[str], op=None) -> str:
         h = hashlib.sha256(f"v{CACHE_VERSION}|short={self.short}\n".encode())
+        if op is not None:
+            h.update(f"op={op!r}\n".encode())
         for sid in ids:
             try:
                 size = (base / sid).stat().st_size
@@ -485,16 +520,17 @@ class ImageCache:
         stem = f"{name}-s{self.short}-{key}"
         return self.folder / f"{stem}.npy", self.folder / f"{stem}-index.npy"
 
-    def open_or_build(self, name: str, base: Path, ids: Sequence[str]) -> CachedImageLoader:
-        data_path, index_path = self.paths(name, self.key(base, ids))
+    def open_or_build(self, name: str, base: Path, ids: Sequence[str], op=None) -> CachedImageLoader:
+        data_path, index_path = self.paths(name, self.key(base, ids, op))
         if not (data_path.exists() and index_path.exists()):
-            self.build(base, ids, data_path, index_path)
+            self.build(base, ids, data_path, index_path, op)
         return CachedImageLoader(data_path, index_path)
 
-    def build(self, base: Path, ids: Sequence[str], data_path: Path, index_path: Path) -> None:
+    def build(self, base: Path, ids: Sequence[str], data_path: Path, index_path: Path, op=None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         files = [base / sid for sid in ids]
-        dims = [resized_size(*_header_size(p), self.short) for p in files]
+        heads = [_header_size(p) for p in files]
+        dims = [resized_size(*(op.size(*wh) if op is not None else wh), self.short) for wh in heads]
         sizes = np.array([w * h * 3 for w, h in dims], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         index = np.stack([offsets, [h for _, h in dims], [w for w, _ in dims]], axis=1).astype(np.int64)
@@ -503,11 +539,11 @@ class ImageCache:
         try:
             paths, offs, nb = [str(p) for p in files], offsets.tolist(), sizes.tolist()
             if self.workers <= 1 or len(files) < 512:
-                _fill(str(tmp), paths, offs, nb, self.short)
+                _fill(str(tmp), paths, offs, nb, self.short, op)
             else:
                 n = self.workers * 4
                 with ProcessPoolExecutor(self.workers) as ex:
-                    futs = [ex.submit(_fill, str(tmp), paths[i::n], offs[i::n], nb[i::n], self.short)
+                    futs = [ex.submit(_fill, str(tmp), paths[i::n], offs[i::n], nb[i::n], self.short, op)
                             for i in range(n)]
                     for f in futs:
                         f.result()
