@@ -139,7 +139,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if todo:
             print(f"grid finished in {_fmt_s(time.time() - t_grid)}")
         if busy and not (failed and args.fail_fast):
-            failed += await_others(engine, busy, label)
+            try:
+                failed += await_others(engine, busy, label)
+            except KeyboardInterrupt:
+                print("interrupted: rerun the same command to resume", file=sys.stderr)
+                return 130
     incomplete = [(c, engine.status(c)) for c in runs]
     incomplete = [(c, st) for c, st in incomplete if st != "complete"]
     if incomplete:
