@@ -41,6 +41,9 @@ def holdout(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
 @register_method("tip_adapter")
 class TipAdapter(Method):
     Config = TipAdapterConfig
+    # declared ranges of the numeric parameters (benchmark/checks.py)
+    param_ranges = {"init_alpha": "[0, inf)", "init_beta": "[0, inf)", "search_scale": "(0, inf)",
+                    "search_step": "[1, inf)", "augment_epochs": "[0, inf)", "val_fraction": "[0, 1)"}
     trains = False
     frozen_image_encoder = True
     setup_features = True

@@ -25,6 +25,7 @@ class TipAdapterFConfig(TipAdapterConfig):
 @register_method("tip_adapter_f")
 class TipAdapterF(TipAdapter):
     Config = TipAdapterFConfig
+    param_ranges = {**TipAdapter.param_ranges, "eps": "(0, inf)"}  # declared ranges (benchmark/checks.py)
     trains = True
     labeled_views = ("weak",)
     learned_buffers = ("cache_values", "alpha", "beta")  # cache_keys is a trained parameter
