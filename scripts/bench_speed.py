@@ -133,11 +133,14 @@ def bench_method(engine, cfg, opt: dict, args, log) -> dict:
     method = method_cls(cfg.params, backbone, ctx).to(device)
     backbone.set_compiled(cfg.train.compile)  # --compile: the warm-up steps pay the compilation
     views = build_transforms(backbone.preprocess_cfg, cfg.data)
+    t_setup = time.time()
+    engine._setup(cfg, method, split, views, device, autocast)  # Method.setup, as a run calls it
     tc, sc = cfg.train, cfg.ssl
-    out = {"method": cfg.method, "trains": method_cls.trains, "data_setup_s": round(data_setup_s, 2)}
+    out = {"method": cfg.method, "trains": bool(method.trains), "data_setup_s": round(data_setup_s, 2),
+           "method_setup_s": round(time.time() - t_setup, 2)}
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
-    if method_cls.trains:
+    if method.trains:
         generic_ssl = sc.enabled and not method.uses_unlabeled
         want_u = method.uses_unlabeled or generic_ssl
         n_l, n_u = len(split.labeled_idx), len(split.unlabeled_idx)
