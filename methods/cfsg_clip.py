@@ -12,10 +12,11 @@ through layers D+1..T. The fine global feature z~_f is the token's final state (
 pass's CLS (``fine_global: cls``, the other reading of the ambiguous equation); the same filtering
 on the fine pass's patches with the fine prompts t_f gives z_f.
 
-Training (dual branch): CE on the four heads p~_c, p_c, p~_f, p_f = softmax(sim(., t)/tau) for
-labeled images; for unlabeled images, hard pseudo-labels from the weak view (no gradient), a FixMatch
-confidence mask F, and CE on the strong view, weighted by lambda_c (coarse heads) and lambda_f (fine
-heads). Inference fuses the four heads (default: mean of the four probability vectors).
+Training (dual branch): CE on the four heads p~_c, p_c, p~_f, p_f = softmax(sim(., t)/tau) (tau =
+1 / the backbone's logit scale unless set) for labeled images; for unlabeled images, hard
+pseudo-labels from the weak view (no gradient), a FixMatch confidence mask F, and CE on the strong
+view, weighted by lambda_c (coarse heads) and lambda_f (fine heads). Inference fuses the four
+heads (default: mean of the four probability vectors).
 
 Every value the paper does not publish is a config default (SPEC section 6, tagged [default]).
 """
@@ -37,13 +38,24 @@ from ._text_prompts import ContextPrompts
 HEADS = ("coarse_global", "coarse_local", "fine_global", "fine_local")
 
 
+def backbone_tau(backbone) -> float:
+    """The temperature that stands for the backbone's own logit scale: 1 / exp(logit_scale).
+    CLIP was trained with logits = exp(logit_scale) * cos, so cos / tau with this tau is on the scale
+    the backbone's softmax was trained at (OpenAI's weights: exp(log 100) = 100, tau = 0.01 up to
+    the float32 rounding of exp(log 100) = 100.0000076)."""
+    return float(1.0 / backbone.logit_scale.detach())
+
+
 @dataclass
 class CFSGConfig:
     n_ctx: int = 4  # [default] context tokens per prompt set
     ctx_init: str = "a photo of a"  # [default] initial words of both prompt sets ("" = N(0, 0.02))
     top_k: int = 20  # [default] k patches kept by the semantic filtering module
     depth: int = 9  # [default] D: layers that re-insert the injected token
-    tau: float = 0.01  # [default] temperature of the four heads (logits = cos / tau)
+    # [default] temperature of the four heads (logits = cos / tau). None (YAML null): 1 / the
+    # loaded backbone's logit scale (1 / exp(logit_scale)), which is 0.01 exactly for OpenAI's
+    # weights (logit scale 100) and ~0.057 for the embedded tiny CLIP (17.4); a number overrides it
+    tau: Optional[float] = None
     threshold: float = 0.95  # [default] FixMatch confidence threshold of the mask F
     lambda_c: float = 1.0  # [default] weight of the coarse unlabeled terms
     lambda_f: float = 1.0  # [default] weight of the fine unlabeled terms
@@ -91,6 +103,11 @@ class CFSGCLIP(Method):
                              f"(the image tower has {backbone.vision_layers} layers)")
         if cfg.filtering and not 1 <= cfg.top_k <= backbone.num_patches:
             raise ValueError(f"cfsg_clip.top_k={cfg.top_k} must lie in [1, {backbone.num_patches}]")
+        if cfg.tau is not None and not cfg.tau > 0:
+            raise ValueError(f"cfsg_clip.tau must be > 0 or null (= 1 / the backbone's logit scale), "
+                             f"got {cfg.tau!r}")
+        # the effective temperature (reported in the logs and by tests)
+        self.tau = backbone_tau(backbone) if cfg.tau is None else float(cfg.tau)
         self.coarse_prompts = ContextPrompts(backbone, ctx.classnames, cfg.n_ctx, cfg.ctx_init)
         if cfg.fine_branch:
             self.fine_prompts = ContextPrompts(backbone, ctx.classnames, cfg.n_ctx, cfg.ctx_init)
@@ -134,8 +151,13 @@ class CFSGCLIP(Method):
         w = (sim_cls / weight_temperature).softmax(dim=1)
         return (w.unsqueeze(-1) * kept).sum(1), idx, w
 
+    def head_scale(self):
+        """1 / tau: the backbone's own logit scale (the tensor every other method multiplies its
+        cosines by, so the logits are bit for bit on their scale) unless ``tau`` is set."""
+        return self.backbone.logit_scale.detach() if self.cfg.tau is None else 1.0 / self.cfg.tau
+
     def _logits(self, feat: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(feat, dim=-1) @ text.t() / self.cfg.tau
+        return self.head_scale() * (F.normalize(feat, dim=-1) @ text.t())
 
     def forward_heads(self, images: torch.Tensor, guide: Optional[torch.Tensor] = None,
                       keep_selection: bool = False) -> Dict[str, torch.Tensor]:
@@ -212,7 +234,7 @@ class CFSGCLIP(Method):
         prob = self.fuse(heads)
         scores = {"msp": prob.max(-1).values}
         # MCM of the coarse global head: max softmax of the cosines at temperature 1
-        scores["mcm_coarse"] = (heads["coarse_global"].float() * self.cfg.tau).softmax(-1).max(-1).values
+        scores["mcm_coarse"] = (heads["coarse_global"].float() / self.head_scale()).softmax(-1).max(-1).values
         return Prediction(logits=prob.clamp_min(1e-12).log(), scores=scores)
 
     def patch_selection(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:

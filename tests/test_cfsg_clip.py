@@ -117,13 +117,14 @@ def test_no_ssl_no_fine_branch_is_a_two_head_coarse_model(micro_backbone):
     # independent computation of the two coarse heads
     t = F.normalize(m.coarse_prompts(), dim=-1)
     enc = micro_backbone.encode_image(x, return_patches=True)
-    g = F.normalize(enc.pooled, dim=-1) @ t.t() / 0.01
+    scale = micro_backbone.model.logit_scale.exp()  # tau defaults to 1 / the backbone's scale
+    g = F.normalize(enc.pooled, dim=-1) @ t.t() * scale
     s = torch.einsum("bpe,be->bp", F.normalize(enc.patches, dim=-1), t[y])
     idx = s.topk(4, dim=1).indices
     kept = torch.stack([enc.patches[b, idx[b]] for b in range(4)])
     w = torch.stack([F.cosine_similarity(kept[b], enc.pooled[b:b + 1], dim=-1) for b in range(4)]).softmax(1)
     local = (w.unsqueeze(-1) * kept).sum(1)
-    l = F.normalize(local, dim=-1) @ t.t() / 0.01
+    l = F.normalize(local, dim=-1) @ t.t() * scale
     expected = F.cross_entropy(g, y) + F.cross_entropy(l, y)
     torch.testing.assert_close(out.loss, expected)
 
@@ -148,3 +149,47 @@ def test_fusion_and_readings_are_switches(micro_backbone):
         assert not torch.allclose(cls_reading["fine_global"], heads["fine_global"])
     with pytest.raises(ValueError, match="fine_global"):
         make(micro_backbone, fine_global="both")
+
+
+def _with_logit_scale(backbone, scale: float):
+    """A private copy of ``backbone`` whose open_clip logit_scale parameter is log(scale)."""
+    import copy
+
+    other = copy.deepcopy(backbone)
+    with torch.no_grad():
+        other.model.logit_scale.fill_(math.log(scale))
+    return other
+
+
+def test_tau_follows_the_backbone_logit_scale(micro_backbone):
+    openai_like = _with_logit_scale(micro_backbone, 100.0)  # OpenAI's weights: logit_scale = log(100)
+    tiny_like = _with_logit_scale(micro_backbone, 17.4)
+    m_openai, m_tiny = make(openai_like), make(tiny_like)
+    # 1 / exp(log 100) = 0.01 up to the float32 rounding of exp (100.0000076)
+    assert m_openai.tau == pytest.approx(0.01, rel=1e-6)
+    assert m_tiny.tau == pytest.approx(1 / 17.4, rel=1e-6)
+    assert m_openai.tau != m_tiny.tau
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for bb, m in ((openai_like, m_openai), (tiny_like, m_tiny)):
+            m.eval()
+            cos = F.normalize(bb.encode_image(images).pooled, dim=-1) @ F.normalize(m.coarse_prompts(), dim=-1).t()
+            # the heads' logits are the backbone's own scale times the cosine, as in every other method
+            torch.testing.assert_close(m.forward_heads(images)["coarse_global"], cos * bb.model.logit_scale.exp())
+        # on OpenAI-like weights the derived tau and the literal 0.01 give the same heads
+        explicit = make(openai_like, tau=0.01).eval()
+        torch.testing.assert_close(explicit.forward_heads(images)["coarse_global"],
+                                   m_openai.forward_heads(images)["coarse_global"], rtol=1e-5, atol=1e-5)
+        # an explicit tau overrides the backbone's scale
+        fixed = make(tiny_like, tau=0.01).eval()
+        assert fixed.tau == 0.01
+        cos = F.normalize(tiny_like.encode_image(images).pooled, dim=-1) @ F.normalize(fixed.coarse_prompts(), dim=-1).t()
+        torch.testing.assert_close(fixed.forward_heads(images)["coarse_global"], cos / 0.01)
+    with pytest.raises(ValueError, match="tau"):
+        make(micro_backbone, tau=0.0)
+
+
+def test_tau_null_in_yaml_and_on_the_command_line():
+    assert toy_cfg("cfsg_clip").params.tau is None  # configs/methods/cfsg_clip.yaml: tau: null
+    assert toy_cfg("cfsg_clip", sets=["params.tau=0.02"]).params.tau == 0.02
+    assert toy_cfg("cfsg_clip", sets=["params.tau=0.02", "params.tau=null"]).params.tau is None
