@@ -228,7 +228,7 @@ def show_status(engine, runs, label, dry_run: bool, force: bool) -> int:
         counts[st] += 1
         notes = [f"{p.name}: {why} (quarantined and redone by the next run)"
                  for p, why in inspect_run(run_dir(engine.results_dir, c))]
-        bad = manifest_problem(engine.results_dir, c.dataset, c.shots, c.seed)
+        bad = manifest_problem(engine.results_dir, c.dataset, c.shots, c.seed, c.eval.split)
         if bad and bad[0] not in manifests:
             manifests.add(bad[0])
             print(f"  damaged split manifest {bad[0]}: {bad[1]} (set aside and rewritten by the next run)")

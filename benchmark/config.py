@@ -90,6 +90,9 @@ class EvalConfig:
     known_score: str = "auto"
     # ba_open: the threshold keeps this fraction of *labeled* ID images as known
     id_recall: float = 0.95
+    # the held-out split the run is evaluated on: "test" (every table) or "val" (a validation
+    # split disjoint from train and test, for tuning presets; the embedded datasets serve one)
+    split: str = "test"
     # test images whose selected patches are saved (methods with patch_selection) for the figure
     explain_images: int = field(default=6, metadata=NOHASH)
 
@@ -164,6 +167,8 @@ def _hash_tree(cfg: RunConfig) -> Dict[str, Any]:
     from .registry import METHODS
 
     d = hashable_dict(cfg)
+    if d["eval"].get("split") == "test":
+        d["eval"].pop("split")  # the default split leaves the hashes of runs made before it existed
     if getattr(METHODS.get(cfg.method), "random_text_tower", False):
         d["train"]["short_text"] = cfg.train.short_text  # it changes the random draws (see Method)
     # training settings cannot change a run of a class that never trains (a property that decides per

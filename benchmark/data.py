@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Dict, List, Optional
+from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -66,6 +66,9 @@ class DatasetPlugin:
     # "[1, inf)", or ("[1, inf)", True) for whole numbers (a third element: the words that switch
     # the option off, e.g. ("off", "none"))
     option_ranges: ClassVar[Dict[str, object]] = {}
+    # the splits :meth:`load` serves; a plugin that can serve a validation split (disjoint from
+    # train and test, drawn like test) adds "val", which runs with ``eval.split: val`` evaluate on
+    splits: ClassVar[Tuple[str, ...]] = ("train", "test")
 
     def __init__(self, root: Optional[Path] = None, **options):
         self.root = Path(root) if root is not None else None
@@ -75,7 +78,7 @@ class DatasetPlugin:
         raise NotImplementedError
 
     def load(self, split: str) -> Split:
-        """Return the ``"train"`` or ``"test"`` split."""
+        """Return the ``"train"`` or ``"test"`` split (or another name in ``splits``)."""
         raise NotImplementedError
 
     def num_classes(self) -> int:

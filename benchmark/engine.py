@@ -49,7 +49,8 @@ CRASH_ENV = "OSSL_CRASH_AFTER_STEP"  # test hook: hard-exit after this step (sim
 
 
 def run_dir(results_dir: Path, cfg: RunConfig) -> Path:
-    return Path(results_dir) / "runs" / cfg.dataset / cfg.label / f"shots{cfg.shots}_seed{cfg.seed}"
+    tail = "" if cfg.eval.split == "test" else f"_{cfg.eval.split}"  # validation runs sit beside
+    return Path(results_dir) / "runs" / cfg.dataset / cfg.label / f"shots{cfg.shots}_seed{cfg.seed}{tail}"
 
 
 def seed_everything(seed: int) -> None:
@@ -221,7 +222,7 @@ class Engine:
         """The run's damaged files and why (its split manifest included)."""
         from .protocol import manifest_problem
         out = inspect_run(run_dir(self.results_dir, cfg))
-        why = manifest_problem(self.results_dir, cfg.dataset, cfg.shots, cfg.seed)
+        why = manifest_problem(self.results_dir, cfg.dataset, cfg.shots, cfg.seed, cfg.eval.split)
         return out + ([why] if why else [])
 
     # -- one run ------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(device)
         method_cls = METHODS.get(cfg.method)
         plugin = self.dataset(cfg.dataset, cfg)
-        split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir)
+        split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir, cfg.eval.split)
         backbone = self.backbone_for(method_cls, cfg.backbone, device)
         backbone.short_text = cfg.train.short_text  # before the method: some encode text at build
         ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,

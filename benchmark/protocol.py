@@ -98,31 +98,45 @@ def canonical_fingerprint(split: Split) -> str:
     return Split(ids=[split.ids[i] for i in order], labels=split.labels[order], loader=split.loader).fingerprint()
 
 
-def manifest_problem(results_dir: Path, dataset: str, shots: int, seed: int):
+def manifest_problem(results_dir: Path, dataset: str, shots: int, seed: int, eval_split: str = "test"):
     """``(path, why)`` when the split manifest exists but cannot be read back, else None."""
-    path = manifest_path(results_dir, dataset, shots, seed)
+    path = manifest_path(results_dir, dataset, shots, seed, eval_split)
     if not path.exists():
         return None
     why = check_json(path, ("hash", "labeled", "num_known", "known_classnames"))
     return (path, why) if why else None
 
 
-def manifest_path(results_dir: Path, dataset: str, shots: int, seed: int) -> Path:
-    return Path(results_dir) / "splits" / dataset / f"shots{shots}_seed{seed}.json"
+def manifest_path(results_dir: Path, dataset: str, shots: int, seed: int, eval_split: str = "test") -> Path:
+    tail = "" if eval_split == "test" else f"_{eval_split}"
+    return Path(results_dir) / "splits" / dataset / f"shots{shots}_seed{seed}{tail}.json"
 
 
-def load_or_create(plugin: DatasetPlugin, shots: int, seed: int, results_dir: Path) -> OSSLSplit:
-    train, test = plugin.load("train"), plugin.load("test")
+def load_or_create(plugin: DatasetPlugin, shots: int, seed: int, results_dir: Path,
+                   eval_split: str = "test") -> OSSLSplit:
+    """The run's split. ``eval_split``: the held-out split that plays the test role ("test", or
+    "val" for tuning on a plugin that serves one; the labeled set and the unlabeled pool are the same
+    either way, both drawn from "train")."""
+    if eval_split == "train" or eval_split not in plugin.splits:
+        held_out = [s for s in plugin.splits if s != "train"]
+        raise DatasetError(f"eval.split={eval_split!r}: dataset {plugin.name!r} serves the held-out "
+                           f"split(s) {held_out}; use one of them (only the embedded synthetic "
+                           f"datasets have a 'val' split)")
+    train, test = plugin.load("train"), plugin.load(eval_split)
     classnames = plugin.classnames()
     C = len(classnames)
     for split, sname in ((train, "train"), (test, "test")):
         if len(split) and (split.labels.min() < 0 or split.labels.max() >= C):
             raise DatasetError(f"{plugin.name}: {sname} labels must lie in [0, {C}) for {C} classes")
-    path = manifest_path(results_dir, plugin.name, shots, seed)
+    path = manifest_path(results_dir, plugin.name, shots, seed, eval_split)
     fresh = build_manifest(plugin.name, classnames, train, test, shots, seed)
-    bad = manifest_problem(results_dir, plugin.name, shots, seed)
+    bad = manifest_problem(results_dir, plugin.name, shots, seed, eval_split)
     if bad:  # truncated or unparsable: set aside (never deleted) and written again from the data
         quarantine(path, f"{bad[1]}; a new manifest is written from the dataset")
+    if eval_split != "test":  # test manifests keep the content (and hash) they always had
+        fresh = {k: v for k, v in fresh.items() if k != "hash"}
+        fresh["eval_split"] = eval_split
+        fresh["hash"] = sha256_json(fresh)
     if path.exists():
         manifest = json.loads(path.read_text())
         stored_hash = manifest.get("hash")

@@ -231,14 +231,23 @@ def render(family: str, combo: Combo, rng: np.random.Generator, difficulty: floa
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
+# the random stream of each benchmark split (train and test keep the streams they always had)
+SPLIT_STREAMS = {"train": 0, "test": 1, "val": 2}
+
+
 @lru_cache(maxsize=16)
 def dataset_arrays(family: str, split: str, per_class: int, n_known: int = 12,
                    seed: int = 0, difficulty: float = 1.0,
                    cast: Tuple[float, float, float] = (1.0, 1.0, 1.0),
                    marker_scale: float = MARKER_SCALE) -> Tuple[np.ndarray, np.ndarray]:
-    """Images [N, SIZE, SIZE, 3] and labels [N] of a benchmark split, class-major order."""
+    """Images [N, SIZE, SIZE, 3] and labels [N] of a benchmark split, class-major order. Each split
+    ("train", "test", "val") draws from its own random stream of the same generator, so the splits are
+    disjoint draws of one distribution; "val" has the test split's rendering (same difficulty and
+    cast) and never changes the train or test images."""
     classes = benchmark_classes(family, n_known, seed)
-    rng = np.random.default_rng([seed, list(FAMILIES).index(family), 0 if split == "train" else 1])
+    if split not in SPLIT_STREAMS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_STREAMS)}, got {split!r}")
+    rng = np.random.default_rng([seed, list(FAMILIES).index(family), SPLIT_STREAMS[split]])
     labels = np.repeat(np.arange(len(classes)), per_class)
     imgs = np.stack([render(family, classes[y], rng, difficulty, cast, marker_scale) for y in labels])
     return imgs, labels

@@ -15,11 +15,13 @@ class _Synthetic(DatasetPlugin):
     needs_root = False
     option_ranges = {"n_known": ("[1, 24]", True),  # 2 x n_known classes out of 64 attribute combinations
                      "train_per_class": ("[1, inf)", True), "test_per_class": ("[1, inf)", True),
+                     "val_per_class": ("[1, inf)", True),
                      "seed": ("[0, 4294967295]", True), "difficulty": "[0, inf)", "cast": "(0, inf)",
                      "marker_scale": "(0, 1]"}
+    splits = ("train", "test", "val")
 
     def __init__(self, root=None, n_known: int = 12, train_per_class: int = 30,
-                 test_per_class: int = 15, seed: int = 0, difficulty: float = 3.0,
+                 test_per_class: int = 15, val_per_class: int = 15, seed: int = 0, difficulty: float = 3.0,
                  cast=(1.2, 0.95, 0.75), marker_scale: float = W.MARKER_SCALE):
         # difficulty (noise and colour jitter) and cast (a per-channel gain: the benchmark "camera")
         # make the benchmark images a domain shift from the pretraining images, as real
@@ -29,7 +31,10 @@ class _Synthetic(DatasetPlugin):
         self.n_known, self.seed = int(n_known), int(seed)
         self.difficulty, self.cast = float(difficulty), tuple(float(c) for c in cast)
         self.marker_scale = float(marker_scale)
-        self.per_class = {"train": int(train_per_class), "test": int(test_per_class)}
+        # "val": a validation split for tuning presets (eval.split=val), disjoint from train and test
+        # and drawn from the test split's distribution, of all 24 classes like the test split [default]
+        self.per_class = {"train": int(train_per_class), "test": int(test_per_class),
+                          "val": int(val_per_class)}
 
     def classnames(self) -> List[str]:
         fam = W.FAMILIES[self.family]
@@ -37,7 +42,7 @@ class _Synthetic(DatasetPlugin):
 
     def load(self, split: str) -> Split:
         if split not in self.per_class:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+            raise ValueError(f"split must be one of {', '.join(self.splits)}, got {split!r}")
         imgs, labels = W.dataset_arrays(self.family, split, self.per_class[split], self.n_known, self.seed,
                                         self.difficulty, self.cast, self.marker_scale)
         return Split(ids=[f"{split}/{i:05d}" for i in range(len(labels))], labels=labels,
