@@ -64,6 +64,12 @@ def do_list() -> None:
         print(f"  {name}")
 
 
+def caption_lines(exp) -> List[str]:
+    """The experiment's ``caption`` (a string or a list of strings) as lines for the tables."""
+    cap = exp.get("caption") or []
+    return [cap] if isinstance(cap, str) else [str(c) for c in cap]
+
+
 def _fmt_s(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -179,7 +185,7 @@ def write_reports(report, engine, grid, exp, runs, results: Path, no_figures: bo
         df = report.collect(paths)
         ddof = int((exp.get("table") or {}).get("std_ddof", 0))
         written = report.write_tables(df, results / "tables", grid.methods, grid.datasets, grid.shots,
-                                      ddof, n_seeds=len(grid.seeds))
+                                      ddof, n_seeds=len(grid.seeds), notes=caption_lines(exp))
         report.write_summary(df, results / "summary.csv")
         if not no_figures:
             written += report.write_figures(df, results / "figures", grid.methods, grid.datasets, grid.shots)

@@ -6,7 +6,8 @@ method, plugins included), ``datasets``, ``shots``, ``seeds``, ``backbone`` (mod
 ``data_root``, ``dataset_options: {<dataset>: {...}}``, ``config`` (overrides for every method:
 ``train``/``ssl``/``eval``/``data``/``params`` sections), ``methods_config: {<method>: {...}}``,
 ``variants: {<label>: {method: <m>, config: {...}}}`` (named configurations of a method, usable in
-``methods`` like a method name: ablation rows), ``table`` (``std_ddof``: 0 = population std as CoOp's parser, 1 = sample std).
+``methods`` like a method name: ablation rows), ``table`` (``std_ddof``: 0 = population std as CoOp's parser, 1 = sample std), ``caption`` (lines
+printed under every table: the budget rule, the tuning split), ``curve`` (see :func:`expand_curve`).
 
 ``base: <experiment>`` starts from another experiment (its keys and its ``.d`` presets) and replaces
 the keys this file gives.
@@ -29,7 +30,8 @@ from .errors import ConfigError, UnknownNameError, nearest
 from .registry import DATASETS, METHODS
 
 EXPERIMENT_KEYS = ("base", "name", "description", "methods", "datasets", "shots", "seeds", "backbone",
-                   "data_root", "dataset_options", "config", "methods_config", "table", "variants")
+                   "data_root", "dataset_options", "config", "methods_config", "table", "variants",
+                   "caption", "curve")
 EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
 METHOD_SETS = ROOT / "configs" / "method_sets.yaml"
 DEFAULT_EXPERIMENT = "embedded"

@@ -132,7 +132,8 @@ def to_latex(cells, best, title: str, caption: str) -> str:
 
 
 def write_tables(df: pd.DataFrame, out_dir: Path, methods, datasets, shots, ddof: int = 0,
-                 n_seeds: Optional[int] = None) -> List[Path]:
+                 n_seeds: Optional[int] = None, notes: Sequence[str] = ()) -> List[Path]:
+    """``notes``: caption lines of the experiment (its ``caption`` key: budget rule, tuning split)."""
     out_dir = Path(out_dir)
     written = []
     std_name = "population std (ddof=0, as CoOp's parser)" if ddof == 0 else f"sample std (ddof={ddof})"
@@ -141,7 +142,8 @@ def write_tables(df: pd.DataFrame, out_dir: Path, methods, datasets, shots, ddof
             continue
         cells, means, best = table(df, metric, methods, datasets, shots, ddof, n_seeds)
         caption = (f"Mean ± {std_name} over seeds {sorted(set(df.seed))}; best per column in bold"
-                   + (" (lowest)." if metric in LOWER_IS_BETTER else "."))
+                   + (" (lowest)." if metric in LOWER_IS_BETTER else ".")
+                   + "".join(f" {n}" for n in notes))
         md = to_markdown(cells, best, title, caption)
         atomic_write_text(out_dir / f"{stem}.md", md)
         atomic_write_text(out_dir / f"{stem}.tex", to_latex(cells, best, title, caption))
