@@ -186,6 +186,10 @@ def write_reports(report, engine, grid, exp, runs, results: Path, no_figures: bo
         ddof = int((exp.get("table") or {}).get("std_ddof", 0))
         written = report.write_tables(df, results / "tables", grid.methods, grid.datasets, grid.shots,
                                       ddof, n_seeds=len(grid.seeds), notes=caption_lines(exp))
+        if exp.get("_curve_points"):
+            written += report.write_curve(df, results / "tables", None if no_figures else results / "figures",
+                                          exp["_curve_points"], exp["curve"].get("label") or exp["curve"]["key"],
+                                          caption_lines(exp))
         report.write_summary(df, results / "summary.csv")
         if not no_figures:
             written += report.write_figures(df, results / "figures", grid.methods, grid.datasets, grid.shots)

@@ -67,6 +67,43 @@ def load_experiment(name_or_path: str) -> Dict[str, Any]:
             if f.stem in mc:
                 raise ConfigError(f"method {f.stem!r} is configured both in {p} (methods_config) and in {f}")
             mc[f.stem] = load_yaml(f)
+    return expand_curve(exp, p)
+
+
+def expand_curve(exp: Dict[str, Any], where="experiment") -> Dict[str, Any]:
+    """``curve: {key: train.epochs, values: [1, 2, 4, 8], label: ...}`` turns each method of
+    ``methods`` into one variant per value, labelled ``<method>@<value>`` with ``key`` set to the
+    value (a budget curve, a sensitivity curve); ``_curve_points`` maps each label to
+    (method, value) for the report (:func:`benchmark.report.write_curve`)."""
+    curve = exp.get("curve")
+    if not curve:
+        return exp
+    if not isinstance(curve, dict) or set(curve) - {"key", "values", "label"} or not curve.get("key") \
+            or not isinstance(curve.get("values"), list) or not curve["values"]:
+        raise ConfigError(f"{where}: curve must be {{key: <dotted config key>, values: [v1, v2, ...], "
+                          f"label: <axis title>}}, got {curve!r}")
+    section = str(curve["key"]).split(".")[0]
+    if "." not in str(curve["key"]) or section not in ("params", "train", "ssl", "eval", "data"):
+        raise ConfigError(f"{where}: curve.key must be a dotted config key such as train.epochs, "
+                          f"got {curve['key']!r}")
+    variants = exp.setdefault("variants", {}) or {}
+    exp["variants"] = variants
+    labels, points = [], {}
+    for m in expand_methods(exp.get("methods")):
+        base = variants.get(m, {"method": m, "config": {}})
+        for v in curve["values"]:
+            label = f"{m}@{v}"
+            tree = copy.deepcopy(base.get("config") or {})
+            node = tree
+            parts = str(curve["key"]).split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = v
+            variants[label] = {"method": base["method"], "config": tree}
+            labels.append(label)
+            points[label] = (m, v)
+    exp["methods"] = labels
+    exp["_curve_points"] = points
     return exp
 
 

@@ -275,3 +275,68 @@ def clear_stale(results: Path) -> None:
     for p in [results / "summary.csv.stale"] + sorted((results / "tables").glob("*.stale")) \
             + sorted((results / "figures").glob("*.stale")):
         p.unlink(missing_ok=True)
+
+
+CURVE_METRICS = ("acc", "auroc")
+
+
+def write_curve(df: pd.DataFrame, tables_dir: Path, figures_dir: Optional[Path], points: Dict[str, tuple],
+                axis: str, notes: Sequence[str] = ()) -> List[Path]:
+    """A curve experiment (``curve:`` in its YAML): for each metric of CURVE_METRICS, a table (rows =
+    methods, columns = the curve's values, cells = mean ± std over seeds; one table per dataset and
+    shots) and one figure with a line per method (mean over seeds, std as a band)."""
+    if df.empty:
+        return []
+    sub = df[df.method.isin(points) & df.metric.isin(CURVE_METRICS)].copy()
+    sub["base"] = sub.method.map(lambda m: str(points[m][0]))
+    sub["x"] = sub.method.map(lambda m: points[m][1])
+    methods = list(dict.fromkeys(str(m) for m, _ in points.values()))
+    xs = list(dict.fromkeys(v for _, v in points.values()))
+    written: List[Path] = []
+    g = sub.groupby(["dataset", "shots", "metric", "base", "x"])["value"]
+    stats = pd.DataFrame({"mean": g.mean(), "std": g.std(ddof=0).fillna(0.0), "n": g.count()}).reset_index()
+    settings = list(dict.fromkeys(zip(stats.dataset, stats.shots)))
+    lines = []
+    for metric in CURVE_METRICS:
+        for ds, k in settings:
+            s = stats[(stats.metric == metric) & (stats.dataset == ds) & (stats.shots == k)]
+            lines += [f"### {metric} against {axis}: {ds}, {k} shots", "",
+                      f"| method | " + " | ".join(str(x) for x in xs) + " |", "|---|" + "---|" * len(xs)]
+            for m in methods:
+                cells = []
+                for x in xs:
+                    r = s[(s.base == m) & (s.x == x)]
+                    cells.append(f"{r['mean'].iloc[0]:.1f} ± {r['std'].iloc[0]:.1f}" if len(r) else "–")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            n = sorted(set(s.n.astype(int)))
+            lines += ["", f"Mean ± population std over seeds (runs per point: {n})." + "".join(f" {t}" for t in notes), ""]
+    path = Path(tables_dir) / "curve.md"
+    atomic_write_text(path, "\n".join(lines))
+    written.append(path)
+    if figures_dir is None:
+        return written
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for ds, k in settings:
+        fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(5 * len(CURVE_METRICS), 3.8), squeeze=False)
+        for ax, metric in zip(axes[0], CURVE_METRICS):
+            s = stats[(stats.metric == metric) & (stats.dataset == ds) & (stats.shots == k)]
+            for m in methods:
+                r = s[s.base == m].set_index("x").reindex(xs).dropna()
+                if r.empty:
+                    continue
+                x = [float(v) for v in r.index]
+                ax.plot(x, r["mean"], marker="o", label=m)
+                ax.fill_between(x, r["mean"] - r["std"], r["mean"] + r["std"], alpha=0.15)
+            if all(isinstance(v, (int, float)) and v > 0 for v in xs):
+                ax.set_xscale("log", base=2)
+                ax.set_xticks([float(v) for v in xs], [str(v) for v in xs])
+            ax.set_xlabel(axis)
+            ax.set_ylabel(f"{metric} (%)")
+            ax.set_title(f"{metric} on {ds}, {k} shots")
+        axes[0, 0].legend(fontsize=7)
+        written.append(_save_figure(fig, Path(figures_dir) / f"curve_{ds}_{k}shot.png"))
+    return written

@@ -56,3 +56,42 @@ def test_the_engine_takes_the_rule_s_steps(tmp_path):
     r = Engine(tmp_path).run(grid.runs[0])
     passes, batch = exp["config"]["train"]["epochs"], exp["config"]["train"]["batch_size"]
     assert r["cost"]["steps"] * batch == passes * 5 * 12
+
+
+def test_budget_curve_experiment_expands_every_trained_method_over_the_budgets():
+    exp = load_experiment("budget_curve")
+    values = exp["curve"]["values"]
+    assert len(values) >= 4 and len(exp["datasets"]) == 1
+    assert 4 in values  # the default grid's budget is a point of the curve
+    grid = build_grid(exp)
+    base = {c.method for c in build_grid(load_experiment("embedded"), datasets=["synth_cub"],
+                                         shots=[20], seeds=[1]).runs if METHODS.get(c.method).trains}
+    assert {c.method for c in grid.runs} == base
+    for c in grid.runs:
+        method, v = exp["_curve_points"][c.label]
+        assert c.method == method and c.train.epochs == v and c.label == f"{method}@{v}"
+        # apart from the budget, each point is the method's default-grid config
+        ref = build_grid(load_experiment("embedded"), methods=[method], datasets=[c.dataset],
+                         shots=[c.shots], seeds=[c.seed]).runs[0]
+        ref.train.epochs = v
+        ref.label = c.label
+        assert ref == c
+
+
+def test_curve_report_means_over_seeds(tmp_path):
+    import pandas as pd
+
+    from benchmark.report import write_curve
+
+    points = {"a@1": ("a", 1), "a@2": ("a", 2), "b@1": ("b", 1), "b@2": ("b", 2)}
+    rows = []
+    for label, vals in {"a@1": [50, 60], "a@2": [70, 70], "b@1": [40, 44], "b@2": [41, 45]}.items():
+        for seed, v in enumerate(vals, start=1):
+            for metric in ("acc", "auroc"):
+                rows.append({"method": label, "dataset": "d", "shots": 20, "seed": seed, "metric": metric,
+                             "value": v if metric == "acc" else 100 - v})
+    out = write_curve(pd.DataFrame(rows), tmp_path, tmp_path, points, "passes")
+    md = (tmp_path / "curve.md").read_text()
+    assert "| a | 55.0 ± 5.0 | 70.0 ± 0.0 |" in md and "| b | 42.0 ± 2.0 | 43.0 ± 2.0 |" in md
+    assert "| a | 45.0 ± 5.0 | 30.0 ± 0.0 |" in md  # the AUROC table
+    assert (tmp_path / "curve_d_20shot.png") in out
