@@ -239,6 +239,6 @@ def apply_lora(backbone, encoder: str, position: str, matrices: Sequence[str], r
                 if isinstance(mha, LoRAAttention):
                     raise RuntimeError("LoRA is already applied to this backbone")
                 wrapper = LoRAAttention(mha, matrices, rank, alpha, dropout)
-                _replace_child(backbone.model, mha, wrapper)
+                _replace_child(backbone, mha, wrapper)  # the wrapper owns the CLIP modules
                 layers.append(wrapper)
     return layers

@@ -111,6 +111,12 @@ def test_only_the_backbone_wrapper_reaches_into_the_clip_model():
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "model":
                 hits.append((mod, node.lineno, node.attr))
     assert not hits, hits
+    # and no method plugin reaches through the wrapper (``backbone.model``)
+    for path in sorted((ROOT / "methods").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "model" and "backbone" in ast.unparse(node.value):
+                hits.append((path.name, node.lineno))
+    assert not hits, hits
 
 
 def test_the_config_schema_does_not_import_open_clip():
