@@ -103,8 +103,10 @@ def check_value(key: str, value: Any, spec: str, integer: bool = False, where: s
     for v in items:
         if v not in rng:
             what = "each value must be " if isinstance(value, (list, tuple)) else "expected "
+            fix = {"shots": "--shots (or shots: in the experiment YAML)",
+                   "seed": "--seeds (or seeds: in the experiment YAML)"}.get(key, f"--set {key}=<value>")
             raise ConfigError(f"{where + ': ' if where else ''}{key}={value!r} is out of range: "
-                              f"{what}{rng}. Fix it in the YAML or with --set {key}=<value>.")
+                              f"{what}{rng}. Fix it in the YAML or with {fix}.")
 
 
 def check_config(cfg) -> None:
@@ -209,12 +211,13 @@ def data_problem(engine, cfg, memo: Optional[dict] = None) -> Optional[str]:
         check_config(cfg)
         plugin = engine.dataset(cfg.dataset, cfg)
         names = plugin.classnames()
-        train, test = plugin.load("train"), plugin.load("test")
+        held_out = getattr(cfg.eval, "split", "test")
+        train, test = plugin.labels("train"), plugin.labels(held_out)
         K = num_known(len(names))
-        counts = np.bincount(np.asarray(train.labels), minlength=len(names))[:K]
+        counts = np.bincount(np.asarray(train), minlength=len(names))[:K]
         why = None
         if len(test) == 0:
-            why = f"{cfg.dataset}: the test split is empty"
+            why = f"{cfg.dataset}: the {held_out} split is empty"
         elif counts.min() < cfg.shots:
             c = int(counts.argmin())
             short = int((counts < cfg.shots).sum())

@@ -232,7 +232,7 @@ def show_status(engine, runs, label, dry_run: bool, force: bool) -> int:
     from .integrity import inspect_run
     from .protocol import manifest_problem
 
-    counts, would_fail, memo, manifests = Counter(), 0, {}, set()
+    counts, would_fail, memo, manifests, said = Counter(), 0, {}, set(), set()
     for c in runs:
         st = engine.status(c)
         counts[st] += 1
@@ -248,7 +248,11 @@ def show_status(engine, runs, label, dry_run: bool, force: bool) -> int:
             if fail is None and st == "stale" and not force:
                 fail = "finished with another config: pass --force to rerun it (the old result is archived)"
         if dry_run or st != "complete" or notes:
-            print(f"  [{st:>8}] {label(c)}" + (f"  WOULD FAIL: {fail}" if fail else ""))
+            shown = fail
+            if fail and fail in said:  # a problem shared by many runs is explained once
+                shown = fail.splitlines()[0] + " (as above)"
+            said.add(fail)
+            print(f"  [{st:>8}] {label(c)}" + (f"  WOULD FAIL: {shown}" if fail else ""))
             for n in notes:
                 print(f"             {n}")
         would_fail += fail is not None

@@ -84,6 +84,11 @@ class DatasetPlugin:
     def num_classes(self) -> int:
         return len(self.classnames())
 
+    def labels(self, split: str) -> np.ndarray:
+        """The labels of a split (what ``--dry-run`` checks); plugins that can give them without
+        producing the images may override this."""
+        return self.load(split).labels
+
 
 def pil_from_array(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")

@@ -261,7 +261,7 @@ class Engine:
         autocast_for(device, cfg.train.amp)
         method_cls = METHODS.get(cfg.method)
         plugin = self.dataset(cfg.dataset, cfg)
-        split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir)
+        split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir, cfg.eval.split)
         backbone = self.backbone_for(method_cls, cfg.backbone, device)
         ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
                             dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)

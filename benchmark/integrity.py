@@ -89,7 +89,7 @@ def inspect_run(d: Path) -> List[Problem]:
     return problems
 
 
-def quarantine(path: Path, why: str, log=None) -> Path:
+def quarantine(path: Path, why: str, log=None, then: str = "") -> Path:
     """Rename a damaged file to ``<name>.damaged-<timestamp>`` beside it (never deleted)."""
     path = Path(path)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -99,7 +99,7 @@ def quarantine(path: Path, why: str, log=None) -> Path:
         n += 1
         target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
     os.replace(path, target)
-    msg = f"damaged file {path}: {why}; moved to {target.name}"
+    msg = f"damaged file {path}: {why}; moved to {target.name}" + (f"; {then}" if then else "")
     (log or (lambda m: print(m, file=sys.stderr)))(msg)
     return target
 
@@ -113,7 +113,7 @@ def heal_run(d: Path, archive, log=None) -> List[Problem]:
         return problems
     for p, why in problems:
         if p.exists():
-            quarantine(p, f"{why}; the run is redone", log)
+            quarantine(p, why, log, then="the run is redone")
     if any(p.name != "checkpoint.pt" for p, _ in problems):
         archive(d)
     return problems
@@ -150,5 +150,5 @@ def load_checkpoint(path: Path, log=None):
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
             why = f"unreadable ({type(exc).__name__}: {exc})"
-    quarantine(path, why, log)
+    quarantine(path, why, log, then="the run starts over")
     return None

@@ -132,7 +132,7 @@ def load_or_create(plugin: DatasetPlugin, shots: int, seed: int, results_dir: Pa
     fresh = build_manifest(plugin.name, classnames, train, test, shots, seed)
     bad = manifest_problem(results_dir, plugin.name, shots, seed, eval_split)
     if bad:  # truncated or unparsable: set aside (never deleted) and written again from the data
-        quarantine(path, f"{bad[1]}; a new manifest is written from the dataset")
+        quarantine(path, bad[1], then="a new manifest is written from the dataset")
     if eval_split != "test":  # test manifests keep the content (and hash) they always had
         fresh = {k: v for k, v in fresh.items() if k != "hash"}
         fresh["eval_split"] = eval_split

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+import numpy as np
+
 from benchmark.data import DatasetPlugin, Split, pil_from_array
 from benchmark.registry import register_dataset
 
@@ -39,6 +41,12 @@ class _Synthetic(DatasetPlugin):
     def classnames(self) -> List[str]:
         fam = W.FAMILIES[self.family]
         return [W.class_name(fam, c) for c in W.benchmark_classes(self.family, self.n_known, self.seed)]
+
+    def labels(self, split: str):
+        if split not in self.per_class:
+            raise ValueError(f"split must be one of {', '.join(self.splits)}, got {split!r}")
+        # dataset_arrays' class-major order, without rendering the images (for --dry-run)
+        return np.repeat(np.arange(2 * self.n_known), self.per_class[split])
 
     def load(self, split: str) -> Split:
         if split not in self.per_class:

@@ -320,6 +320,7 @@ def test_dry_run_checks_data_roots_layouts_and_shots(exp, tmp_path, capsys):
                  "--data-root", str(tmp_path / "nowhere")) == 1
     o = capsys.readouterr().out
     assert o.count("WOULD FAIL") == 4 and "no dataset found under --data-root" in o and "variants.txt" in o
+    assert o.count("Expected one of these layouts") == 1 and o.count("(as above)") == 3  # explained once
     assert _grid(exp, tmp_path / "r", "--dry-run", "--datasets", "cub") == 1
     assert "needs a data root" in capsys.readouterr().out
 
@@ -419,3 +420,12 @@ def test_loader_workers_adapt_to_the_machine(monkeypatch):
 def test_auto_workers_are_recorded_as_resolved(tmp_path):
     r = Engine(tmp_path).run(toy_cfg("zsclip", shots=2))
     assert r["config"]["data"]["num_workers"] == 0  # CPU: auto = 0
+
+
+def test_synthetic_labels_without_rendering_match_the_loaded_split():
+    """--dry-run reads labels through DatasetPlugin.labels; the embedded world's shortcut (no
+    rendering) must give exactly the rendered split's labels."""
+    for name in ("synth_dogs", "synth_aircraft"):
+        p = DATASETS.get(name)(n_known=3, train_per_class=2, test_per_class=1)
+        for s in ("train", "test"):
+            assert np.array_equal(p.labels(s), p.load(s).labels)
