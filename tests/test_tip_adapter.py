@@ -113,3 +113,22 @@ def test_engine_runs_at_any_batch_size(tmp_path, bs):
         feats = bb.encode_image(torch.stack([tf(split.train.image(int(i))) for i in split.labeled_idx])).pooled
     keys = torch.load(d / "learned.pt")["cache_keys"]
     torch.testing.assert_close(keys, F.normalize(feats, dim=-1), rtol=1e-5, atol=1e-5)  # manifest order
+
+
+def test_run_all_runs_both_at_an_odd_batch_size(tmp_path, capsys):
+    import yaml
+
+    from benchmark.cli import main
+    from conftest import TOY_EXPERIMENT
+
+    exp = tmp_path / "toy.yaml"
+    exp.write_text(yaml.safe_dump({**TOY_EXPERIMENT, "methods": ["tip_adapter", "tip_adapter_f"],
+                                   "datasets": ["toy"], "shots": [4], "seeds": [1]}))
+    sets = ["train.batch_size=5", "params.augment_epochs=1", "params.search_step=[8,4]", "train.epochs=2"]
+    args = ["--experiment", str(exp), "--results-dir", str(tmp_path / "res"), "--no-figures"]
+    assert main(args + sum([["--set", s] for s in sets], [])) == 0
+    results = {p.parent.parent.name: p for p in (tmp_path / "res" / "runs").rglob("result.json")}
+    assert sorted(results) == ["tip_adapter", "tip_adapter_f"]
+    assert main(["--list"]) == 0
+    listed = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("tip_adapter")]
+    assert len(listed) == 2 and all("not a paper method" in ln for ln in listed)
