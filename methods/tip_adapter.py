@@ -1,10 +1,9 @@
-"""Tip-Adapter (Zhang et al., ECCV 2022; official gaopengcuhk/Tip-Adapter), training-free: logits(f) =
-s f W^T + alpha exp(-beta (1 - f K^T)) V; f the normalised CLIP image feature, W the text classifier,
-s CLIP's logit scale (officially 100), K the normalised mean of ``augment_epochs`` augmented views of
-the labeled images, V their one-hot labels. alpha/beta are grid-searched (official ``search_hp``) on
-validation data only: our choice, as the protocol has none, is a seeded per-class share
-``val_fraction`` of the labeled set, scored against a cache of the others; the final cache holds all.
-"""
+"""Tip-Adapter (Zhang et al., ECCV 2022): a training-free cache model of the labeled CLIP features.
+Official gaopengcuhk/Tip-Adapter: logits(f) = s f W^T + alpha exp(-beta (1 - f K^T)) V; f the normalised
+image feature, W the text classifier, s CLIP's logit scale (officially 100), K the normalised mean of
+``augment_epochs`` augmented views of the labeled images, V their one-hot labels. alpha/beta are grid-
+searched (``search_hp``) on validation data only: ours (no split has one) is a seeded per-class share
+``val_fraction`` of the labeled set, scored against a cache of the others; the final cache holds all."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,8 +1,8 @@
-"""Tip-Adapter-F (official ``run_tip_adapter_F``): the cache keys are a parameter, initialised from the
-cache and trained with cross-entropy on augmented labeled views at the initial alpha/beta (AdamW, eps
-1e-4); alpha/beta are then searched with the trained keys. The official script keeps the epoch of best
-*test* accuracy; we keep the last and search on held-out labeled images, which never join the cache
-nor the loss (``val_fraction``, our choice)."""
+"""Tip-Adapter-F (Zhang et al., ECCV 2022): Tip-Adapter with fine-tuned cache keys (official ``run_tip_adapter_F``).
+Keys initialised from the cache, trained with cross-entropy on augmented labeled views at the initial
+alpha/beta (AdamW, eps 1e-4), then alpha/beta searched with the trained keys. The official script keeps
+the epoch of best *test* accuracy; we keep the last and search on held-out labeled images, which never
+join the cache nor the loss (``val_fraction``, our choice)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
