@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
     p.add_argument("--report-only", action="store_true", help="only rebuild summary, tables and figures")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    from .launch import add_arguments
+    add_arguments(p)  # --launcher inline|local|slurm and its resources (benchmark/launch.py)
     return p
 
 
@@ -108,7 +110,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         return show_status(engine, runs, label, args.dry_run, args.force)
     failed = []
     busy = []  # runs another live process holds: waited for after ours
-    if not args.report_only:
+    if not args.report_only and args.launcher != "inline":
+        from .launch import run_grid
+        try:
+            failed = run_grid(args, exp, grid, results)
+        except BenchmarkError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if failed is None:  # --no-wait: the jobs build nothing; --report-only does once they end
+            return 0
+    elif not args.report_only:
         todo = [c for c in runs if engine.status(c) != "complete"]
         print(f"{len(runs) - len(todo)} complete, {len(todo)} to run")
         per_method = defaultdict(list)
@@ -268,14 +279,9 @@ def await_others(engine, busy, label, poll_s: float = 2.0) -> list:
     reached them), then run those still not complete (their runner died). Returns the failures."""
     from .engine import RunLock, run_dir
 
-    def holder(c):
-        lock = run_dir(engine.results_dir, c) / ".lock"
-        try:
-            pid = int(lock.read_text() or "0")
-        except (OSError, ValueError):
-            return None
-        from .engine import _alive
-        return pid if pid and pid != os.getpid() and _alive(pid) else None
+    def holder(c):  # "pid@host" of the live process holding the run (RunLock.holder), not ours
+        who = RunLock.holder(run_dir(engine.results_dir, c))
+        return who if who and who != RunLock.me() else None
 
     said = False
     while True:

@@ -20,6 +20,7 @@ import os
 import platform
 import random
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -128,31 +129,75 @@ def environment(device: torch.device) -> Dict[str, str]:
 
 
 class RunLock:
-    """A lock file holding the pid, so two processes never run the same run; stale locks of dead
-    processes are taken over."""
+    """A lock file holding ``pid@host``, so two processes never run the same run, even from two
+    machines sharing the results folder (a cluster's job array). A lock of a dead process on this
+    host is taken over at once; one from another host, whose pid cannot be checked from here, once
+    its heartbeat (the holder touches the file every ``HEARTBEAT_S``) is older than ``STALE_S``."""
+
+    HEARTBEAT_S = 30.0
+    STALE_S = 300.0  # our default: ten missed heartbeats (a killed job's lock, e.g. after a node failure)
 
     def __init__(self, folder: Path):
-        self.path = folder / ".lock"
+        self.path = Path(folder) / ".lock"
+        self._stop = None
+
+    @staticmethod
+    def me() -> str:
+        return f"{os.getpid()}@{socket.gethostname()}"
+
+    @classmethod
+    def holder(cls, folder: Path) -> Optional[str]:
+        """``pid@host`` of the live process holding this run's lock, or None."""
+        path = Path(folder) / ".lock"
+        try:
+            text = path.read_text().strip()
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return None
+        pid_s, _, host = text.partition("@")
+        try:
+            pid = int(pid_s or "0")
+        except ValueError:
+            pid = 0
+        if not pid:
+            return None
+        if not host or host == socket.gethostname():  # a bare pid: written on this host
+            return f"{pid}@{host or socket.gethostname()}" if _alive(pid) else None
+        return text if age < cls.STALE_S else None
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
+                os.write(fd, self.me().encode())
                 os.close(fd)
+                self._start_heartbeat()
                 return self
             except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or "0")
-                except (ValueError, OSError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise RunLockedError(self.path.parent, pid)
+                who = self.holder(self.path.parent)
+                if who and who != self.me():
+                    raise RunLockedError(self.path.parent, who)
                 self.path.unlink(missing_ok=True)
         raise BenchmarkError(f"could not lock {self.path}")
 
+    def _start_heartbeat(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+
+        def beat(stop=self._stop, path=self.path):
+            while not stop.wait(self.HEARTBEAT_S):
+                try:
+                    os.utime(path)
+                except OSError:
+                    return
+
+        threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True).start()
+
     def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
         self.path.unlink(missing_ok=True)
 
 

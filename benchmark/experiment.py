@@ -8,6 +8,7 @@ method, plugins included), ``datasets``, ``shots``, ``seeds``, ``backbone`` (mod
 ``variants: {<label>: {method: <m>, config: {...}}}`` (named configurations of a method, usable in
 ``methods`` like a method name: ablation rows), ``table`` (``std_ddof``: 0 = population std as CoOp's parser, 1 = sample std), ``caption`` (lines
 printed under every table: the budget rule, the tuning split), ``curve`` (see :func:`expand_curve`).
+``launcher`` (resources for ``run_all.py --launcher local|slurm``: see :mod:`benchmark.launch`).
 
 ``base: <experiment>`` starts from another experiment (its keys and its ``.d`` presets) and replaces
 the keys this file gives.
@@ -31,7 +32,7 @@ from .registry import DATASETS, METHODS
 
 EXPERIMENT_KEYS = ("base", "name", "description", "methods", "datasets", "shots", "seeds", "backbone",
                    "data_root", "dataset_options", "config", "methods_config", "table", "variants",
-                   "caption", "curve")
+                   "caption", "curve", "launcher")
 EXPERIMENTS_DIR = ROOT / "configs" / "experiments"
 METHOD_SETS = ROOT / "configs" / "method_sets.yaml"
 DEFAULT_EXPERIMENT = "embedded"

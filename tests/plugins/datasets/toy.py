@@ -5,8 +5,16 @@ from functools import lru_cache
 
 import numpy as np
 
+from pathlib import Path
+
+import open_clip
+
 from benchmark.data import DatasetPlugin, Split, pil_from_array
 from benchmark.registry import register_dataset
+
+# the tests' random micro CLIP config: registered here too, so that a process that only loads the
+# plugins (a launcher's task started by submitit) knows it, not only the pytest process (conftest)
+open_clip.add_model_config(str(Path(__file__).resolve().parents[2] / "assets" / "test-micro-vit.json"))
 
 
 @lru_cache(maxsize=4)
