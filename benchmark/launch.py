@@ -35,6 +35,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from . import ROOT
 from .errors import BenchmarkError, ConfigError, nearest
 
 LAUNCHERS = ("inline", "local", "slurm")
+_ENV_LOCK = threading.Lock()  # os.environ is edited around a submission (launchers in threads: tests)
 # the experiment's launcher: keys; the values we use when neither the YAML nor the CLI gives one
 DEFAULTS: Dict[str, Any] = {
     "gpus": None, "cpus": None, "mem_gb": None,
@@ -86,17 +88,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # -- options ----------------------------------------------------------------------------------
 def parse_time(v: Any) -> int:
-    """Minutes from ``90``, ``"90"``, ``"1:30:00"``, ``"2-00:00:00"`` (SLURM's forms)."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-        return int(v)
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(v).strip())
-    if not m:
-        raise ConfigError(f"launcher time {v!r}: expected minutes (90) or H:MM:SS (1:30:00) or D-HH:MM:SS")
-    d, a, b, c = (int(x) if x else 0 for x in m.groups())
-    if m.group(3) is None:  # "90" or "2-90": minutes
-        minutes = d * 1440 + a
-    else:  # H:MM[:SS]
-        minutes = d * 1440 + a * 60 + b + (1 if c else 0)
+    """Minutes from a number of minutes or SLURM's time forms: ``M``, ``M:S``, ``H:M:S``, ``D-H``,
+    ``D-H:M``, ``D-H:M:S`` (seconds are rounded up to a minute)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        minutes = int(-(-v // 1))
+    else:
+        m = re.fullmatch(r"(?:(\d+)-)?(\d+(?::\d+){0,2})", str(v).strip())
+        parts = [int(x) for x in m.group(2).split(":")] if m else []
+        if not m or (m.group(1) is not None and len(parts) > 3):
+            raise ConfigError(f"launcher time {v!r}: expected minutes (90), H:MM:SS (1:30:00) or "
+                              f"D-HH:MM:SS (2-00:00:00), as sbatch --time")
+        if m.group(1) is not None:  # D-H[:M[:S]]
+            h, mi, sec = (parts + [0, 0])[:3]
+            minutes = int(m.group(1)) * 1440 + h * 60 + mi + (sec > 0)
+        else:  # M | M:S | H:M:S
+            h, mi, sec = ([0, 0] + parts)[-3:] if len(parts) == 3 else (0, parts[0], parts[1] if len(parts) > 1 else 0)
+            minutes = h * 60 + mi + (sec > 0)
     if minutes <= 0:
         raise ConfigError(f"launcher time {v!r} must be positive")
     return minutes
@@ -324,7 +331,7 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
     def submit(batch: List[List[_Cell]]):
         from submitit.helpers import environment_variables
 
-        with environment_variables(**env):
+        with _ENV_LOCK, environment_variables(**env):  # the environment the tasks start with
             jobs = ex.map_array(task, [[(c.key, c.chash) for c in p] for p in batch])
         ids = sorted({j.job_id.split("_")[0] for j in jobs})
         print(f"submitted {len(batch)} task(s) ({sum(map(len, batch))} cells) as job {', '.join(ids)}; "
