@@ -31,7 +31,6 @@ Resources come from the experiment YAML's ``launcher:`` section, overridden by t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -305,7 +304,7 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
     """Runs the grid's unfinished cells as submitit jobs; returns the failed cells (label, error),
     or None with ``--no-wait`` (tables are then the user's ``--report-only``)."""
     from .config import config_hash
-    from .engine import Engine, RunLock, run_dir
+    from .engine import Engine
     from .io import atomic_write_json
 
     kind = args.launcher
@@ -331,8 +330,11 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
     def submit(batch: List[List[_Cell]]):
         from submitit.helpers import environment_variables
 
-        with _ENV_LOCK, environment_variables(**env):  # the environment the tasks start with
-            jobs = ex.map_array(task, [[(c.key, c.chash) for c in p] for p in batch])
+        try:
+            with _ENV_LOCK, environment_variables(**env):  # the environment the tasks start with
+                jobs = ex.map_array(task, [[(c.key, c.chash) for c in p] for p in batch])
+        except Exception as exc:  # noqa: BLE001 - sbatch refused (partition, account, limits ...)
+            raise BenchmarkError(f"submitting to {kind} failed: {type(exc).__name__}: {exc}") from exc
         ids = sorted({j.job_id.split("_")[0] for j in jobs})
         print(f"submitted {len(batch)} task(s) ({sum(map(len, batch))} cells) as job {', '.join(ids)}; "
               f"logs in {folder}", flush=True)
@@ -347,6 +349,22 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
         print("not waiting (--no-wait): watch with --status; when the jobs have ended build the tables "
               "with --report-only, and rerun this command to retry cells that did not finish")
         return None
+
+    if args.fail_fast:
+        print("note: --fail-fast applies to --launcher inline; here a failed cell is retried (--retries)")
+    try:
+        return _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engine, results)
+    except KeyboardInterrupt:
+        print(f"interrupted: submitted jobs may still be running (see {folder}; on SLURM: squeue, "
+              f"scancel); rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engine, results):
+    """Submit packs as slots free up, collect each ended job's outcomes, resubmit (bounded), and
+    wait out cells that another process is running; returns the failed cells."""
+    from .engine import RunLock, run_dir
+    from .io import atomic_write_json
 
     running: List[Tuple[Any, List[_Cell]]] = []
     watching: List[_Cell] = []
@@ -383,7 +401,7 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
                         c.attempts.append({"job_id": job.job_id, "outcome": rec["outcome"]})
                         atomic_write_json(d / "launch.json", {"state": "complete", "attempts": c.attempts})
                     continue
-                if rec["outcome"] == "busy" or RunLock.holder(d):
+                if rec["outcome"] == "busy":
                     print(f"  {_label(c.key)} is being run by another process: waiting for it", flush=True)
                     watching.append(c)
                     continue
