@@ -212,7 +212,8 @@ class GridTask(_Checkpointable):
 
             torch.set_num_threads(self.threads)
         from .config import config_hash
-        from .engine import Engine, RunLockedError
+        from .engine import Engine
+        from .errors import RunLockedError
 
         engine = Engine(self.results_dir, force=self.force)
         out = []
