@@ -167,8 +167,10 @@ class CLIPBackbone(nn.Module):
         ``local-dir:/path``) and ``cfg.pretrained``:
 
         * ``embedded``: the suite's tiny CLIP (SHA-256 checked);
-        * a checkpoint file (state dict ``.pt/.pth/.bin/.safetensors``, or an OpenAI TorchScript
-          ``.pt`` archive, loaded with QuickGELU as OpenAI trained it);
+        * a checkpoint file (state dict ``.pt/.pth/.bin/.safetensors``); an OpenAI-format file (a
+          TorchScript archive, or a state dict with OpenAI's ``input_resolution`` / ``context_length``
+          / ``vocab_size`` entries) is always built with QuickGELU and the architecture read from its
+          shapes (``benchmark/openai_checkpoint.py``), in a folder too;
         * a folder: an open_clip HF-hub-style folder (``open_clip_config.json`` + weights; the
           config wins over ``cfg.model``), or any folder holding exactly one checkpoint file;
         * an open_clip pretrained tag (``openai``, ``laion2b_s34b_b88k``...): taken from the Hugging
@@ -180,6 +182,8 @@ class CLIPBackbone(nn.Module):
 
         from .errors import UnknownNameError
         from .tinyclip import register_tiny_clip, tiny_clip_checkpoint
+
+        from .openai_checkpoint import openai_format_state_dict
 
         register_tiny_clip()  # the suite's own model config is always known to open_clip
         model_name, pretrained = cfg.model, cfg.pretrained or ""
@@ -194,12 +198,17 @@ class CLIPBackbone(nn.Module):
                 model_name, pretrained = f"local-dir:{path}", ""
                 identity = (f"local-dir:{_sha256_file(path / 'open_clip_config.json')[:16]}"
                             f"@sha256:{_sha256_file(ckpt)}")
+                openai_sd = openai_format_state_dict(ckpt)
+                if openai_sd is not None:  # OpenAI's format: QuickGELU, architecture from the shapes
+                    return cls._from_openai_state_dict(openai_sd, model_name, ckpt, identity, device,
+                                                       folder_config=path / "open_clip_config.json")
             else:
                 if path.is_dir():
                     path = cls._checkpoint_in_folder(path)
-                if _is_torchscript(path):  # OpenAI's own .pt files: QuickGELU, not a plain state dict
-                    kwargs.update(force_quick_gelu=True, weights_only=False)
                 pretrained, identity = str(path), f"{cfg.model}@sha256:{_sha256_file(path)}"
+                openai_sd = openai_format_state_dict(path)
+                if openai_sd is not None:  # OpenAI's format: QuickGELU, architecture from the shapes
+                    return cls._from_openai_state_dict(openai_sd, cfg.model, path, identity, device)
         elif model_name.startswith("hf-hub:"):
             snapshot = cls._hf_hub_snapshot(model_name[len("hf-hub:"):], cfg.cache_dir)
             if snapshot is not None:
@@ -235,6 +244,36 @@ class CLIPBackbone(nn.Module):
         pcfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
         pcfg.setdefault("size", model.visual.image_size)
         return cls(model, tokenizer, identity, pcfg)
+
+    @classmethod
+    def _from_openai_state_dict(cls, sd: Dict[str, Tensor], model_name: str, path: Path, identity: str,
+                                device, folder_config: Optional[Path] = None) -> "CLIPBackbone":
+        """An OpenAI-format checkpoint (``benchmark/openai_checkpoint.py``): built with QuickGELU and
+        the architecture read from the shapes; the named model (or the open_clip folder's config)
+        must describe that architecture and gives the tokenizer and preprocessing."""
+        import json
+        from dataclasses import asdict
+
+        import open_clip
+        from open_clip.model import set_model_preprocess_cfg
+        from open_clip.transform import PreprocessCfg
+
+        from .errors import UnknownNameError
+        from .openai_checkpoint import build_openai_model
+
+        if folder_config is not None:
+            conf = json.loads(folder_config.read_text())
+            model_cfg, pre, where = conf.get("model_cfg", {}), conf.get("preprocess_cfg", {}), str(folder_config)
+        else:
+            if model_name not in open_clip.list_models():
+                raise UnknownNameError("open_clip model", model_name, open_clip.list_models())
+            model_cfg, pre, where = open_clip.get_model_config(model_name), {}, f"backbone.model={model_name!r}"
+        model = build_openai_model(sd, model_cfg, f"backbone.pretrained={str(path)!r}", where).to(device)
+        pcfg = asdict(PreprocessCfg())  # OpenAI's mean / std, bicubic (what open_clip defaults to)
+        pcfg.update({k: v for k, v in pre.items() if k in pcfg})
+        pcfg["size"] = model.visual.image_size
+        set_model_preprocess_cfg(model, pcfg)
+        return cls(model, open_clip.get_tokenizer(model_name), identity, pcfg)
 
     CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 

@@ -78,10 +78,16 @@ def _torchscript_archive(sd, path):
         torch.jit.save(torch.jit.script(root), str(path))
 
 
-def test_openai_torchscript_file_gets_quick_gelu(tmp_path, ref_state):
+def test_openai_torchscript_file_gets_quick_gelu(tmp_path):
+    # OpenAI's architecture is read from the shapes (64-wide heads): an OpenAI-shaped micro model
+    import open_clip
+
+    open_clip.add_model_config(str(TESTS / "assets" / "test-openai-vit.json"))
+    torch.manual_seed(0)
+    ref_state = open_clip.create_model("test-openai-vit", pretrained=None).state_dict()
     f = tmp_path / "ViT-micro.pt"
     _torchscript_archive(ref_state, f)
-    bb = CLIPBackbone.load(BackboneConfig(model=MICRO, pretrained=str(f)))
+    bb = CLIPBackbone.load(BackboneConfig(model="test-openai-vit", pretrained=str(f)))
     assert _acts(bb) == {QuickGELU}
     half = {k: v.half().float() if v.is_floating_point() else v for k, v in ref_state.items()}
     assert _same_weights(bb, half)
