@@ -190,3 +190,7 @@ def test_resnet_openai_state_dict_builds_as_load_openai_model(tmp_path):
     with pytest.raises(BenchmarkError, match=r"vision_cfg.layers \(1, 1, 1, 1\) vs \(1, 1, 1, 2\)|another architecture"):
         build_openai_model(loaded, dict(cfg, vision_cfg=dict(cfg["vision_cfg"], layers=[1, 1, 1, 2])), "f", "cfg")
     assert openai_format_state_dict(tmp_path / "test-openai-rn.json") is None  # not a checkpoint at all
+    bb = CLIPBackbone.load(BackboneConfig(model="test-openai-rn", pretrained=str(f)))  # the wrapper
+    assert bb.image_tower == "resnet" and _acts(bb) == {QuickGELU}
+    with torch.no_grad():
+        torch.testing.assert_close(bb.encode_image(x).pooled, ref.encode_image(x), rtol=0, atol=0)
