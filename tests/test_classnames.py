@@ -70,3 +70,15 @@ def test_clip_lora_tokens_are_the_cleaned_prompts(micro_backbone):
     m = cls(cls.Config(), copy.deepcopy(micro_backbone), _ctx(RAW))
     want = micro_backbone.tokenize(["a photo of a " + c + "." for c in CLEAN])
     assert torch.equal(m.tokens, want)
+
+
+@pytest.mark.parametrize("method", ["tip_adapter", "tip_adapter_f", "linear_probe"])
+def test_text_classifiers_use_the_cleaned_names(micro_backbone, method):
+    cls = METHODS.get(method)
+    cfg = cls.Config() if cls.Config.__dataclass_fields__ else None
+    raw, clean = (cls(cfg, micro_backbone, _ctx(n)) for n in (RAW, CLEAN))
+    sd_raw, sd_clean = raw.state_dict(), clean.state_dict()
+    names = [k for k in sd_clean if "text" in k or k.endswith("weight")]
+    assert names
+    for k in names:
+        torch.testing.assert_close(sd_raw[k], sd_clean[k], rtol=0, atol=0)
