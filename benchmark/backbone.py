@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from .config import BackboneConfig  # noqa: F401 - the schema lives in config.py; re-exported here
 from .errors import BenchmarkError
+from .openai_checkpoint import is_torchscript as _is_torchscript
 
 Tensor = torch.Tensor
 
@@ -68,17 +69,6 @@ def _sha256_file(path: Path, _cache: Dict[Tuple[str, int, float], str] = {}) -> 
                 h.update(chunk)
         _cache[key] = h.hexdigest()
     return _cache[key]
-
-
-def _is_torchscript(path: Path) -> bool:
-    """A TorchScript archive (OpenAI's released ``.pt`` files) rather than a pickled state dict."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
 
 
 def _hf_offline() -> bool:

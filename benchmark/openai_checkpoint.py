@@ -35,10 +35,15 @@ from .errors import BenchmarkError
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
-def _is_torchscript(path: Path) -> bool:
-    from .backbone import _is_torchscript as check
+def is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (OpenAI's released ``.pt`` files) rather than a pickled state dict."""
+    import zipfile
 
-    return check(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _unwrap(obj: Any) -> Optional[Dict[str, torch.Tensor]]:
@@ -58,7 +63,7 @@ def openai_format_state_dict(path: Path) -> Optional[Dict[str, torch.Tensor]]:
     then left to open_clip's own loader). Reading the keys of a pickled state dict is cheap: the file
     is memory-mapped, so nothing is read unless it is OpenAI-format."""
     path = Path(path)
-    if _is_torchscript(path):
+    if is_torchscript(path):
         with warnings.catch_warnings():  # loading OpenAI's TorchScript archive is intended here
             warnings.filterwarnings("ignore", message=".*torch.jit.load. is deprecated.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
