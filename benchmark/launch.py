@@ -318,6 +318,8 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
         return []
     folder = results / "submitit"
     ex = make_executor(kind, folder, opts, f"ossl-{exp.get('name', 'grid')}")
+    shown = {k: v for k, v in opts.items() if v not in (None, [], {}) and k != "pack"}
+    print("resources per task: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
     task = GridTask({k: v for k, v in exp.items()}, str(results), list(args.sets or []), args.data_root,
                     args.device, bool(args.force), opts["cpus"])
     pack = int(opts["pack"])

@@ -321,3 +321,40 @@ def test_parse_time():
     for bad in ("soon", "1:2:3:4", "0", -5):
         with pytest.raises(Exception, match="time"):
             parse_time(bad)
+
+
+def test_run_lock_across_hosts_heartbeat_and_stale_takeover(tmp_path, monkeypatch):
+    # array tasks on other nodes share the results folder: their pid means nothing here, so a lock
+    # written on another host counts as held while its heartbeat is fresh, and is taken over once stale
+    import socket
+
+    from benchmark.engine import RunLock
+    from benchmark.errors import RunLockedError
+
+    d = tmp_path / "run"
+    d.mkdir()
+    lock = d / ".lock"
+    other = f"{os.getpid() + 1}@not-{socket.gethostname()}"
+    lock.write_text(other)
+    assert RunLock.holder(d) == other
+    with pytest.raises(RunLockedError, match=other):
+        RunLock(d).__enter__()
+    old = time.time() - RunLock.STALE_S - 1
+    os.utime(lock, (old, old))
+    assert RunLock.holder(d) is None
+    monkeypatch.setattr(RunLock, "HEARTBEAT_S", 0.05)
+    with RunLock(d):
+        assert lock.read_text() == RunLock.me()
+        os.utime(lock, (old, old))
+        time.sleep(0.5)  # the holder's heartbeat touches the file again
+        assert time.time() - lock.stat().st_mtime < 5 and RunLock.holder(d) == RunLock.me()
+    assert not lock.exists()
+    # a same-host lock: held while its pid lives, taken over once it is dead (a bare pid: older files)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        assert RunLock.holder(d) == f"{sleeper.pid}@{socket.gethostname()}"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert RunLock.holder(d) is None
