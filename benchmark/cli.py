@@ -268,6 +268,9 @@ def show_status(engine, runs, label, dry_run: bool, force: bool) -> int:
                 print(f"             {n}")
         would_fail += fail is not None
     print("status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    stale = engine.results_dir / "tables" / "STALE.txt"
+    if stale.exists():
+        print(f"tables: stale (the last run_all.py could not rebuild them; why: {stale})")
     if would_fail:
         print(f"{would_fail} run(s) would fail (see WOULD FAIL above)", file=sys.stderr)
         return 1
@@ -285,11 +288,13 @@ def await_others(engine, busy, label, poll_s: float = 2.0) -> list:
 
     said = False
     while True:
-        held = {holder(c) for c in busy} - {None}
+        holders = [holder(c) for c in busy]
+        held = set(holders) - {None}
         if not held:
             break
         if not said:
-            print(f"waiting for {len(busy)} run(s) held by process(es) {', '.join(map(str, sorted(held)))}",
+            n = sum(h is not None for h in holders)
+            print(f"waiting for {n} run(s) held by process(es) {', '.join(map(str, sorted(held)))}",
                   flush=True)
             said = True
         time.sleep(poll_s)

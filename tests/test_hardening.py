@@ -285,6 +285,9 @@ def test_changed_config_without_force_marks_old_tables_stale(exp, tmp_path, caps
     assert not (out / "summary.csv").exists() and not (out / "tables" / "table1_acc.md").exists()
     assert (out / "summary.csv.stale").read_text() == before
     assert "linear_probe" in (out / "tables" / "STALE.txt").read_text()
+    capsys.readouterr()
+    assert _grid(exp, out, "--status") == 0
+    assert "tables: stale" in capsys.readouterr().out
     assert _grid(exp, out, "--set", "linear_probe.train.lr=0.3", "--force") == 0
     df = pd.read_csv(out / "summary.csv")
     assert df.groupby(["method", "shots"]).cell_hash.nunique().max() == 1
