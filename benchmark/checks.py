@@ -126,6 +126,14 @@ def check_config(cfg) -> None:
                 check_value(key, value, RANGES[key], where=run)
             if key in CHOICES and value not in CHOICES[key]:
                 raise ConfigError(f"{run}: {key}={value!r} is not one of {', '.join(CHOICES[key])}.")
+    if cfg.device != "auto":
+        import torch
+
+        try:
+            torch.device(cfg.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"{run}: device={cfg.device!r} is not a device: expected auto, cpu, cuda or "
+                              f"cuda:N (--device)") from None
     lo, hi = cfg.data.crop_scale
     if lo > hi:
         raise ConfigError(f"{run}: data.crop_scale={list(cfg.data.crop_scale)!r}: the first value (the "

@@ -164,6 +164,7 @@ def test_truncated_split_manifest_is_set_aside_and_rewritten(exp, tmp_path, caps
     (["--set", "coop.params.n_ctx=0", "--methods", "coop"], "coop.params.n_ctx=0", "[1, inf)"),
     (["--datasets", "synth_dogs", "--set", "data.options.test_per_class=0"],
      "data.options.test_per_class=0", "an integer in [1, inf)"),
+    (["--device", "cuda:x"], "device='cuda:x'", "expected auto, cpu, cuda or cuda:N"),
 ])
 def test_out_of_range_values_stop_before_anything_runs(exp, tmp_path, capsys, args, key, shown):
     out = tmp_path / "res"
