@@ -32,14 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from . import ROOT, __version__
-from .backbone import BackboneConfig, CLIPBackbone
+from .backbone import BackboneConfig, CLIPBackbone, ImageOutput
 from .config import RunConfig, cell_hash, config_hash, to_dict
 from .errors import BenchmarkError, ConfigError, ResultExistsError, RunLockedError
 from .checks import check_config
 from .integrity import heal_run, inspect_run, load_checkpoint, trim_log
 from .io import atomic_savez, atomic_torch_save, atomic_write_json
-from .loader import (FeatureCache, StepBatches, ViewBatch, build_transforms, encode_augmented, eval_loader,
-                     stream_loader, with_loader_workers)
+from .loader import (FeatureCache, StepBatches, ViewBatch, ViewFeatureCache, build_transforms, encode_augmented,
+                     eval_loader, stream_loader, with_loader_workers)
 from .method import Batch, LabeledSet, Method, MethodContext, Prediction, StepState, UnlabeledPool
 from .metrics import compute_all
 from .protocol import OSSLSplit, load_or_create
@@ -220,6 +220,7 @@ class Engine:
         self._backbones: Dict[tuple, CLIPBackbone] = {}
         self._datasets: Dict[tuple, object] = {}
         self.features = FeatureCache(self.results_dir / "cache" / "features")
+        self.view_features = ViewFeatureCache(self.results_dir / "cache" / "views")  # data.cached_views
 
     # -- shared resources ---------------------------------------------------------------------
     def backbone(self, bcfg: BackboneConfig, device: torch.device) -> CLIPBackbone:
@@ -458,12 +459,19 @@ class Engine:
                 train_seconds = float(ck.get("train_seconds", 0.0))
                 self.log(f"  resuming from step {start}/{total}")
         pin = device.type == "cuda"
-        lab_views = {v: views[v] for v in method.labeled_views}
+        # data.cached_views: the frozen weak-view passes served from cached augmented views
+        serve_l = self._view_cache(cfg, split, views, device, autocast, split.labeled_idx, tc.batch_size,
+                                   "labeled", tuple(method.frozen_train_outputs))
+        serve_u = self._view_cache(cfg, split, views, device, autocast, split.unlabeled_idx,
+                                   sc.unlabeled_batch_size, "unlabeled",
+                                   ("pooled",) if generic_ssl and method.frozen_image_encoder else ())
+        lab_views = {v: views[v] for v in method.labeled_views if not (serve_l and v == "weak")}
         lab = iter(stream_loader(split.train, split.labeled_idx, lab_views, tc.batch_size, cfg.seed,
                                  "labeled", start, total, cfg.data.num_workers, pin))
         unl = None
         if want_u:
-            u_views = {v: views[v] for v in (("weak", "strong") if generic_ssl else method.unlabeled_views)}
+            u_views = {v: views[v] for v in (("weak", "strong") if generic_ssl else method.unlabeled_views)
+                       if not (serve_u and v == "weak")}
             unl = iter(stream_loader(split.train, split.unlabeled_idx, u_views, sc.unlabeled_batch_size,
                                      cfg.seed, "unlabeled", start, total, cfg.data.num_workers, pin))
         crash_after = int(os.environ.get(CRASH_ENV, "-1"))
@@ -479,6 +487,8 @@ class Engine:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 xb = next(lab)
                 batch = self._to_batch(xb, unl, device, split)
+                if serve_l:
+                    batch.features = {"weak": serve_l(step, batch.ids)}
                 state = StepState(step=step, total_steps=total, epoch=step // spe, steps_per_epoch=spe)
                 with autocast():
                     out = method.training_step(batch, state)
@@ -486,7 +496,10 @@ class Engine:
                     logs = dict(out.logs)
                     if generic_ssl:
                         with torch.no_grad():
-                            lw = method.predict(batch.u["weak"]).logits
+                            if serve_u:
+                                lw = method.predict_features(serve_u(step, batch.u_ids).pooled).logits
+                            else:
+                                lw = method.predict(batch.u["weak"]).logits
                         ls = method.predict(batch.u["strong"]).logits
                         lu, mask = fixmatch_loss(lw.float(), ls.float(), sc.threshold)
                         loss = loss + sc.weight * lu
@@ -514,11 +527,45 @@ class Engine:
                     os._exit(137)
         finally:
             logf.close()
+            self.view_features.flush()
         method.eval()
         method.after_train()
         train_seconds += time.time() - t_start
         atomic_torch_save(d / "learned.pt", method.learned_state_dict())
         return {"steps": total, "resumed_from_step": resumed, "train_seconds": train_seconds}
+
+    def _view_cache(self, cfg, split: OSSLSplit, views, device, autocast, indices, batch_size: int,
+                    stream: str, fields: Tuple[str, ...]):
+        """``data.cached_views``: a function ``(step, batch ids) -> ImageOutput`` serving the frozen
+        image-tower outputs ``fields`` of the stream's weak views at that step from the shared view
+        cache (each sample's view: its loader augmentation seed modulo the number of views), or None
+        when the option is off or does not apply (no fields)."""
+        n = int(cfg.data.cached_views)
+        if n < 0:
+            raise ConfigError(f"data.cached_views must be 0 (off) or a number of views, got {n}")
+        if n == 0 or not fields:
+            return None
+        shared = self.backbone(cfg.backbone, device)  # the frozen CLIP these methods read
+        cache, train = self.view_features, split.train
+        sb = StepBatches(indices, batch_size, cfg.seed, stream, 0, 0)
+
+        def ensure(idx):
+            return cache.ensure(shared, cfg.dataset, train, views["weak"], n, fields, idx,
+                                cfg.eval.batch_size, device, autocast)
+
+        if stream == "labeled":
+            ensure([int(i) for i in indices])  # the whole labeled set once, before the first step
+
+        def serve(step: int, ids) -> ImageOutput:
+            pairs = sb.batch(step)
+            idx = [i for i, _ in pairs]
+            if [train.ids[i] for i in idx] != list(ids):
+                raise BenchmarkError(f"data.cached_views: the {stream} batch of step {step} does not match "
+                                     f"the loader's (internal error)")
+            out = cache.lookup(ensure(idx), list(ids), [s % n for _, s in pairs], fields, device)
+            return ImageOutput(**out)
+
+        return serve
 
     def _to_batch(self, xb, unl, device, split) -> Batch:
         return make_batch(xb, next(unl) if unl is not None else None, split, device)

@@ -232,3 +232,84 @@ def with_loader_workers(cfg, device):
     if n == cfg.data.num_workers:
         return cfg
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=n))
+
+
+class ViewFeatureCache:
+    """Frozen image-tower outputs of a fixed number of augmented train views per training image
+    (``data.cached_views``), for methods whose training step reads the frozen image tower only
+    (``Method.frozen_train_outputs``).
+
+    View ``v`` of sample ``id`` is the train transform under the RNG seed ``(stream 4, v, crc32(id))``:
+    it depends on neither the run's seed nor the method, so every method and seed of a grid shares
+    the entries (kept in memory by the engine and on disk, keyed like :class:`FeatureCache` plus the
+    number of views). A training step picks view ``aug_seed % views`` for each sample, where
+    ``aug_seed`` is the seed the loader would have augmented it with. Entries are filled on demand
+    (:meth:`ensure`) and written by :meth:`flush`; a corrupt file is recomputed."""
+
+    STREAM = 4  # after STREAMS' labeled 1, unlabeled 2, setup 3
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._entries: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}  # key -> id -> field -> [V, ...]
+        self._dirty: Dict[str, Path] = {}
+
+    @staticmethod
+    def view_seed(sample_id: str, view: int) -> int:
+        import zlib
+
+        return sample_seed(ViewFeatureCache.STREAM, view, zlib.crc32(sample_id.encode()))
+
+    def _entry(self, backbone, dataset: str, split: Split, transform: Callable, views: int):
+        raw = "|".join([backbone.identity, dataset, split.fingerprint(), repr(transform), f"views={views}"]
+                       + ([split.variant] if getattr(split, "variant", "") else []))
+        key = hashlib.sha256(raw.encode()).hexdigest()[:24]
+        if key not in self._entries:
+            path = self.folder / f"{dataset}-views{views}-{key}.pt"
+            entry: Dict[str, Dict[str, torch.Tensor]] = {}
+            if path.exists():
+                try:
+                    entry = torch.load(path, map_location="cpu")
+                except Exception:  # noqa: BLE001 - a corrupt cache file is recomputed
+                    path.unlink(missing_ok=True)
+            self._entries[key] = entry
+            self._dirty.pop(key, None)
+        return key, self._entries[key]
+
+    @torch.no_grad()
+    def ensure(self, backbone, dataset: str, split: Split, transform: Callable, views: int,
+               fields: Sequence[str], indices: Sequence[int], batch_size: int, device, autocast) -> str:
+        """Encode the views of the samples ``indices`` (positions in ``split``) that lack a field."""
+        key, entry = self._entry(backbone, dataset, split, transform, views)
+        todo = sorted({int(i) for i in indices
+                       if any(f not in entry.get(split.ids[int(i)], {}) for f in fields)})
+        if todo:
+            ds = ViewDataset(split, {"v": transform})
+            items = [(i, self.view_seed(split.ids[i], v)) for i in todo for v in range(views)]
+            outs: Dict[str, List[torch.Tensor]] = {f: [] for f in fields}
+            for s in range(0, len(items), batch_size):
+                b = _collate([ds[it] for it in items[s:s + batch_size]])
+                with autocast():
+                    o = backbone.encode_image(b["v"].to(device), return_value_local="value_local" in fields,
+                                              return_patches="patches" in fields)
+                for f in fields:
+                    outs[f].append(getattr(o, f).float().cpu())
+            cat = {f: torch.cat(v).reshape(len(todo), views, *torch.cat(v).shape[1:]) for f, v in outs.items()}
+            for r, i in enumerate(todo):
+                e = entry.setdefault(split.ids[i], {})
+                for f in fields:
+                    e[f] = cat[f][r].clone()
+            self._dirty[key] = self.folder / f"{dataset}-views{views}-{key}.pt"
+        return key
+
+    def lookup(self, key: str, ids: Sequence[str], view_index: Sequence[int], fields: Sequence[str],
+               device) -> Dict[str, torch.Tensor]:
+        """``{field: [B, ...]}``: view ``view_index[b]`` of sample ``ids[b]`` (after :meth:`ensure`)."""
+        entry = self._entries[key]
+        return {f: torch.stack([entry[sid][f][v] for sid, v in zip(ids, view_index)]).to(device)
+                for f in fields}
+
+    def flush(self) -> None:
+        """Write the entries filled since the last flush (atomically; a crash loses only the cache)."""
+        for key, path in list(self._dirty.items()):
+            atomic_torch_save(path, self._entries[key])
+            del self._dirty[key]

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone import CLIPBackbone
+from .backbone import CLIPBackbone, ImageOutput
 
 Tensor = torch.Tensor
 
@@ -72,6 +72,10 @@ class Batch:
     u: Optional[Dict[str, Tensor]] = None
     ids: List[str] = field(default_factory=list)  # [B] sample ids of x's images
     u_ids: Optional[List[str]] = None  # [Bu] sample ids of u's images (None without u)
+    #: engine-served frozen image-tower outputs of the labeled "weak" view (``data.cached_views``,
+    #: for methods with ``frozen_train_outputs``): ``{"weak": ImageOutput}``; read them through
+    #: :meth:`Method.frozen_image`, which encodes ``x[view]`` when nothing is served
+    features: Optional[Dict[str, ImageOutput]] = None
 
 
 @dataclass
@@ -146,6 +150,11 @@ class Method(nn.Module):
     #: declared range of each numeric ``Config`` field, e.g. ``{"n_ctx": "[1, inf)"}`` (checked
     #: before a run, see benchmark/checks.py)
     param_ranges: ClassVar[Dict[str, str]] = {}
+    #: the :class:`ImageOutput` fields ("pooled", "value_local", "patches") that ``training_step``
+    #: reads from the *frozen* image tower for its labeled "weak" view through :meth:`frozen_image`;
+    #: with ``data.cached_views: N`` the engine then serves them from N cached augmented views per
+    #: image instead of loading and encoding images (empty: the option does not apply)
+    frozen_train_outputs: ClassVar[Tuple[str, ...]] = ()
     #: names of buffers that are learned state (e.g. a cache of class prototypes)
     learned_buffers: ClassVar[Tuple[str, ...]] = ()
 
@@ -201,6 +210,16 @@ class Method(nn.Module):
                 target.copy_(t)
 
     # -- helpers shared by many methods -------------------------------------------------------
+    def frozen_image(self, batch: Batch, view: str = "weak") -> ImageOutput:
+        """The frozen image tower's outputs (``frozen_train_outputs``) for ``batch.x[view]``: served
+        by the engine's view cache when on, else encoded here (no gradient reaches the tower)."""
+        if batch.features is not None and view in batch.features:
+            return batch.features[view]
+        fields = self.frozen_train_outputs
+        with torch.no_grad():
+            return self.backbone.encode_image(batch.x[view], return_value_local="value_local" in fields,
+                                              return_patches="patches" in fields)
+
     def text_features(self, texts: List[str]) -> Tensor:
         """L2-normalised text features of ``texts`` through the frozen text tower."""
         with torch.no_grad():

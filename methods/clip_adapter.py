@@ -60,6 +60,7 @@ class CLIPAdapter(Method):
     Config = CLIPAdapterConfig
     param_ranges = {"reduction": "[1, inf)", "ratio": "[0, 1]"}  # declared ranges (benchmark/checks.py)
     frozen_image_encoder = True
+    frozen_train_outputs = ("pooled",)  # augmented mode: the frozen feature of the weak view
 
     def __init__(self, cfg: CLIPAdapterConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)
@@ -73,6 +74,7 @@ class CLIPAdapter(Method):
         if cfg.train_features == "cached":  # the engine reads the instance's attributes
             self.setup_features = True
             self.labeled_views = ()
+            self.frozen_train_outputs = ()  # no weak view: data.cached_views does not apply
         self._cached: Dict[str, torch.Tensor] = {}
 
     def setup(self, labeled, unlabeled=None) -> None:
@@ -93,7 +95,7 @@ class CLIPAdapter(Method):
     @torch.no_grad()
     def _features(self, batch) -> torch.Tensor:
         if self.cfg.train_features == "augmented":
-            return self.backbone.encode_image(batch.x["weak"]).pooled.float()
+            return self.frozen_image(batch, "weak").pooled.float()
         return torch.stack([self._cached[sid] for sid in batch.ids])
 
     def training_step(self, batch, state) -> StepOutput:

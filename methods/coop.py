@@ -44,6 +44,7 @@ class CoOp(PromptMethod, Method):
     Config = CoOpConfig
     param_ranges = {"n_ctx": "[1, inf)"}  # declared ranges (benchmark/checks.py)
     frozen_image_encoder = True  # predictions depend on the image only through CLIP's pooled feature
+    frozen_train_outputs = ("pooled",)  # training reads the frozen pooled feature (data.cached_views)
 
     def __init__(self, cfg: CoOpConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)
@@ -64,7 +65,7 @@ class CoOp(PromptMethod, Method):
         return self.logits_from_features(self.backbone.encode_image(images).pooled)
 
     def training_step(self, batch, state) -> StepOutput:
-        logits = self.logits(batch.x["weak"])
+        logits = self.logits_from_features(self.frozen_image(batch, "weak").pooled)
         loss = F.cross_entropy(logits, batch.y)
         return StepOutput(loss=loss, logs={"acc": float((logits.argmax(-1) == batch.y).float().mean())})
 

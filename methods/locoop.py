@@ -66,6 +66,7 @@ class LoCoOp(CoOp):
     param_ranges = {"n_ctx": "[1, inf)", "lambda_ood": "[0, inf)", "top_k_fraction": "(0, 1]",
                     "top_k": "[0, inf)", "temperature": "(0, inf)"}
     frozen_image_encoder = False  # needs the local (value-path) features at evaluation too
+    frozen_train_outputs = ("pooled", "value_local")  # both from the frozen tower (data.cached_views)
 
     def __init__(self, cfg: LoCoOpConfig, backbone, ctx):
         super().__init__(cfg, backbone, ctx)
@@ -77,7 +78,11 @@ class LoCoOp(CoOp):
             raise ConfigError("locoop.params.temperature must be > 0")
 
     def global_local_logits(self, images: torch.Tensor):
-        out = self.backbone.encode_image(images, return_value_local=True)
+        return self.global_local_from(self.backbone.encode_image(images, return_value_local=True))
+
+    def global_local_from(self, out):
+        """(global logits [B, K], local logits [B, P, K]) from the image tower's pooled and
+        value-path local features."""
         text = self.class_text()
         scale = self.backbone.logit_scale
         g = scale * F.normalize(out.pooled, dim=-1) @ text.t()
@@ -85,7 +90,7 @@ class LoCoOp(CoOp):
         return g, loc
 
     def training_step(self, batch, state) -> StepOutput:
-        logits, local = self.global_local_logits(batch.x["weak"])
+        logits, local = self.global_local_from(self.frozen_image(batch, "weak"))
         loss_id = F.cross_entropy(logits, batch.y)
         ent, sel = entropy_of_selected(local, batch.y, self.top_k)
         loss_ood = -ent
