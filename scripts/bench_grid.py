@@ -8,6 +8,11 @@
 Runs ``run_all.py`` (same options) into a fresh results folder, so nothing is skipped, then prints,
 for each method, the number of runs, the mean and max seconds per run (train / eval split) and the
 total, and the whole grid's wall time. Any extra option is passed to run_all.py.
+
+``--paired`` runs the grid twice, method by method in alternation (so both sides share the machine's
+load): once with the default speed options and once with all of them off (``OFF_SETS``), into two
+fresh folders, then prints each method's total seconds on both sides, the ratio, and whether the
+two sides' tables (``tables/*.md``) are identical.
 """
 from __future__ import annotations
 
@@ -41,13 +46,63 @@ def summarise(results: Path) -> str:
     return "\n".join(lines)
 
 
+# every speed option off: the official-shaped path (the options and their defaults: README)
+OFF_SETS = ["train.short_text=false", "data.cached_views=0"]
+
+
+def _method_seconds(results: Path) -> dict:
+    out = defaultdict(float)
+    for p in results.glob("runs/*/*/*/result.json"):
+        r = json.loads(p.read_text())
+        out[r.get("label") or r["method"]] += r["cost"]["total_seconds"]
+    return out
+
+
+def paired(rest) -> int:
+    from benchmark.cli import main as run_all
+    from benchmark.experiment import load_experiment
+    from benchmark.registry import METHODS
+
+    exp_name = rest[rest.index("--experiment") + 1] if "--experiment" in rest else "embedded"
+    if "--methods" in rest:
+        i = rest.index("--methods")
+        methods, rest = rest[i + 1].split(","), rest[:i] + rest[i + 2:]
+    else:
+        m = load_experiment(exp_name).get("methods", "all")
+        methods = [n for n, c in METHODS.items() if c.in_default_grid] if m in ("all", None) else list(m)
+    on, off = Path(tempfile.mkdtemp(prefix="ossl-bench-on-")), Path(tempfile.mkdtemp(prefix="ossl-bench-off-"))
+    rc = 0
+    wall = {"on": 0.0, "off": 0.0}
+    for k, m in enumerate(methods):
+        sides = [("on", on, []), ("off", off, sum((["--set", s] for s in OFF_SETS), []))]
+        for name, folder, extra in (sides if k % 2 == 0 else sides[::-1]):
+            t0 = time.time()
+            rc |= run_all(rest + extra + ["--methods", m, "--results-dir", str(folder), "--no-figures"])
+            wall[name] += time.time() - t0
+    s_on, s_off = _method_seconds(on), _method_seconds(off)
+    print(f"{'method':<16}{'default s':>10}{'all off s':>10}{'speed-up':>10}")
+    for m in s_off:
+        print(f"{m:<16}{s_on.get(m, 0):>10.1f}{s_off[m]:>10.1f}{s_off[m] / max(s_on.get(m, 0), 1e-9):>9.2f}x")
+    print(f"{'runs total':<16}{sum(s_on.values()):>10.1f}{sum(s_off.values()):>10.1f}"
+          f"{sum(s_off.values()) / max(sum(s_on.values()), 1e-9):>9.2f}x")
+    print(f"{'wall':<16}{wall['on']:>10.1f}{wall['off']:>10.1f}{wall['off'] / max(wall['on'], 1e-9):>9.2f}x")
+    diff = [p.name for p in sorted((off / "tables").glob("*.md"))
+            if not (on / "tables" / p.name).exists() or (on / "tables" / p.name).read_text() != p.read_text()]
+    print("tables identical" if not diff else f"tables that differ: {', '.join(diff)}")
+    print(f"[results in {on} and {off}]")
+    return rc
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from-results", default=None, help="only summarise this results folder")
+    p.add_argument("--paired", action="store_true", help="default speed options vs all off, alternating")
     args, rest = p.parse_known_args()
     if args.from_results:
         print(summarise(Path(args.from_results)))
         return 0
+    if args.paired:
+        return paired(rest)
     from benchmark.cli import main as run_all
 
     out = Path(tempfile.mkdtemp(prefix="ossl-bench-"))
