@@ -77,6 +77,7 @@ RANGES: Dict[str, str] = {
     "data.randaugment_n": "[0, inf)",
     "data.randaugment_m": "[0, 30]",  # torchvision's RandAugment has 31 magnitude bins
     "data.num_workers": "[0, inf)",  # null: as many as the machine has (see loader.py)
+    "data.cached_views": "[0, inf)",  # 0: off (a fresh augmentation every step)
 }
 INTEGER_KEYS = {"shots", "seed"}
 CHOICES: Dict[str, Tuple[str, ...]] = {

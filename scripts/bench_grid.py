@@ -60,16 +60,14 @@ def _method_seconds(results: Path) -> dict:
 
 def paired(rest) -> int:
     from benchmark.cli import main as run_all
-    from benchmark.experiment import load_experiment
-    from benchmark.registry import METHODS
+    from benchmark.experiment import expand_methods, load_experiment
 
     exp_name = rest[rest.index("--experiment") + 1] if "--experiment" in rest else "embedded"
     if "--methods" in rest:
         i = rest.index("--methods")
         methods, rest = rest[i + 1].split(","), rest[:i] + rest[i + 2:]
     else:
-        m = load_experiment(exp_name).get("methods", "all")
-        methods = [n for n, c in METHODS.items() if c.in_default_grid] if m in ("all", None) else list(m)
+        methods = expand_methods(load_experiment(exp_name).get("methods") or "all")
     on, off = Path(tempfile.mkdtemp(prefix="ossl-bench-on-")), Path(tempfile.mkdtemp(prefix="ossl-bench-off-"))
     rc = 0
     wall = {"on": 0.0, "off": 0.0}
