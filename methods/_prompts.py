@@ -161,17 +161,40 @@ class PromptLearner(nn.Module):
                                                   deep_prompts=deep_prompts, prompt_start=1)
 
 
+def param_versions(module: nn.Module) -> tuple:
+    """The version counters of ``module``'s trainable parameters: they change with every in-place
+    update (optimiser step, loaded state), so equal versions mean equal parameters."""
+    return tuple(p._version for p in module.parameters() if p.requires_grad)
+
+
+def detached(obj):
+    """``obj`` (a tensor, or tuples / lists of them and None) without its autograd graph."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached(o) for o in obj)
+    return obj
+
+
 class EvalCache:
     """Memoises a value (class text features) while the owning module is in eval mode; training
-    always recomputes (the prompts change every step). Call :meth:`clear` from ``train()``."""
+    recomputes it at every step (the prompts change), except that a no-grad pass of the same step
+    (a weak view's pseudo-labels) reuses the value the step already computed, detached: same
+    parameters, same numbers, one text-tower run fewer. Call :meth:`clear` from ``train()``."""
 
     def __init__(self):
         self.value = None
+        self.step = None  # (parameter versions, value computed with grad in training)
 
     def get(self, module: nn.Module, compute: Callable[[], object]):
         if module.training:
             self.value = None
-            return compute()
+            key = param_versions(module)
+            if not torch.is_grad_enabled() and self.step is not None and self.step[0] == key:
+                return detached(self.step[1])
+            value = compute()
+            self.step = (key, value) if torch.is_grad_enabled() else None
+            return value
         if self.value is None:
             with torch.no_grad():
                 self.value = compute()
@@ -179,6 +202,7 @@ class EvalCache:
 
     def clear(self) -> None:
         self.value = None
+        self.step = None
 
 
 def sinkhorn(K: Tensor, u: Tensor, v: Tensor, max_iter: int = 100, tol: float = 1e-2) -> Tensor:

@@ -33,6 +33,7 @@ from benchmark.method import Method, Prediction, StepOutput
 from benchmark.registry import register_method
 from benchmark.ssl import fixmatch_loss
 
+from ._prompts import detached, param_versions
 from ._text_prompts import ContextPrompts
 
 HEADS = ("coarse_global", "coarse_local", "fine_global", "fine_local")
@@ -120,19 +121,25 @@ class CFSGCLIP(Method):
         if cfg.fusion != "mean_prob" and cfg.fusion not in self.heads:
             raise ValueError(f"cfsg_clip.fusion={cfg.fusion!r} is switched off by the ablation flags")
         self._eval_text: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+        self._step_text = None  # (parameter versions, this step's text features): see text_features
 
     # -- pieces -------------------------------------------------------------------------------
     def train(self, mode: bool = True):
         self._eval_text = None  # prompts change in training: recompute text features afterwards
+        self._step_text = None
         return super().train(mode)
 
     def text_features(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if not self.training and self._eval_text is not None:
             return self._eval_text
+        key = param_versions(self) if self.training else None
+        if self.training and not torch.is_grad_enabled() and self._step_text and self._step_text[0] == key:
+            return detached(self._step_text[1])  # the weak pass of this step: same prompts, same features
         t_c = F.normalize(self.coarse_prompts(), dim=-1)
         t_f = F.normalize(self.fine_prompts(), dim=-1) if self.cfg.fine_branch else None
         if not self.training:
             self._eval_text = (t_c, t_f)
+        self._step_text = (key, (t_c, t_f)) if self.training and torch.is_grad_enabled() else None
         return t_c, t_f
 
     @staticmethod

@@ -125,3 +125,67 @@ def test_cached_views_off_loads_and_encodes_images(tmp_path):
     imgs = torch.randn(2, 3, 32, 32)
     out = m.frozen_image(Batch(x={"weak": imgs}, y=torch.zeros(2, dtype=torch.long)))
     assert torch.equal(out.pooled, bb.encode_image(imgs).pooled)
+
+
+@pytest.mark.parametrize("method", ["cfsg_clip", "coop"])
+def test_no_grad_pass_of_a_step_reuses_its_text_features(micro_backbone, method, monkeypatch):
+    """A step's no-grad pass (CFSG-CLIP's weak view, the generic SSL loop's weak view) reuses the
+    class text features the step computed: fewer text-tower runs, the same loss and gradients bit
+    for bit as recomputing them; an optimiser step (new parameter versions) recomputes."""
+    import importlib
+
+    from benchmark.ssl import fixmatch_loss
+
+    sets = ["cfsg_clip.params.depth=2", "cfsg_clip.params.top_k=4"]
+    cfg = toy_cfg(method, sets=sets)
+    ctx = MethodContext(classnames=["red thing", "blue thing with a long name", "cat"], template="a photo of a {}.",
+                        dataset="toy", shots=2, seed=1)
+    g = torch.Generator().manual_seed(0)
+    x = {v: torch.randn(4, 3, 32, 32, generator=g) for v in ("weak", "strong")}
+    batch = Batch(x=dict(x), y=torch.tensor([0, 1, 2, 1]), u=dict(x), ids=list("abcd"), u_ids=list("efgh"))
+    runs = []
+    blk = micro_backbone.model.transformer.resblocks[0]
+    hook = blk.register_forward_pre_hook(lambda mod, args: runs.append(1))
+
+    def step(m):
+        runs.clear()
+        loss = m.training_step(batch, StepState(0, 10, 0, 10)).loss
+        if method == "coop":  # the engine's generic SSL terms
+            with torch.no_grad():
+                lw = m.predict(batch.u["weak"]).logits
+            loss = loss + fixmatch_loss(lw, m.predict(batch.u["strong"]).logits, 0.0)[0]
+        params = [p for p in m.parameters() if p.requires_grad]
+        return loss.detach(), torch.autograd.grad(loss, params), len(runs)
+
+    try:
+        torch.manual_seed(0)
+        m = METHODS.get(method)(cfg.params, micro_backbone, ctx)
+        m.train()
+        loss, grads, n_reused = step(m)
+        prompts = importlib.import_module(type(m).__module__.rsplit(".", 1)[0] + "._prompts")
+        fresh = iter(range(10 ** 6))
+        monkeypatch.setattr(prompts, "param_versions", lambda module: next(fresh))  # never equal: recompute
+        monkeypatch.setattr(importlib.import_module(type(m).__module__), "param_versions",
+                            lambda module: next(fresh), raising=False)
+        loss2, grads2, n_recomputed = step(m)
+    finally:
+        hook.remove()
+    per_pass = 2 if method == "cfsg_clip" else 1  # CFSG-CLIP: coarse and fine prompt sets
+    assert n_recomputed - n_reused == per_pass
+    assert torch.equal(loss, loss2)
+    for a, b in zip(grads, grads2):
+        assert torch.equal(a, b)
+    # after an optimiser step the features are recomputed (new parameter versions)
+    monkeypatch.undo()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    runs.clear()
+    m.zero_grad()
+    l3 = m.training_step(batch, StepState(0, 10, 0, 10)).loss
+    l3.backward()
+    opt.step()
+    with torch.no_grad():
+        t_after = m.text_features()[0] if method == "cfsg_clip" else m.class_text()
+    with torch.no_grad():
+        m.train()  # clears every memo
+        t_ref = m.text_features()[0] if method == "cfsg_clip" else m.class_text()
+    assert torch.equal(t_after, t_ref)
