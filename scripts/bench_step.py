@@ -136,8 +136,9 @@ def main(argv=None) -> int:
         cls = METHODS.get(name)
         cfg = resolve(cls, dataset, 16, 1, experiment, [f"train.batch_size={args.batch_size}"])
         for opt_name in option_names:
-            applies = {"short_text": True,
-                       "view_cache": bool(getattr(cls, "frozen_train_outputs", ()))}
+            applies = {"short_text": True, "view_cache": False}
+            if cls.frozen_train_outputs and not cls.modifies_backbone:  # the instance decides (config)
+                applies["view_cache"] = bool(cls(copy.deepcopy(cfg.params), backbone, ctx).frozen_train_outputs)
             if opt_name == "all":
                 on = {k: v for k, v in applies.items()}
                 single = [k for k, v in on.items() if v]
@@ -160,12 +161,17 @@ def main(argv=None) -> int:
 
 def bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, args, autocast, sync,
                Batch, StepState, make_optimizer, torch) -> dict:
+    from benchmark.method import LabeledSet
+
     variants = []
     for label, opts in (("off", {}), ("on", on)):
         bb = copy.deepcopy(backbone) if cls.modifies_backbone else backbone
         bb.short_text = opts.get("short_text", False)
         torch.manual_seed(1)
         method = cls(copy.deepcopy(cfg.params), bb, ctx).to(images.device)
+        with torch.no_grad():  # the engine's setup: labeled ids, labels, frozen test-view features
+            method.setup(LabeledSet(ids=[f"img{j}" for j in range(len(labels))], labels=labels,
+                                    features=bb.encode_image(images).pooled.float()), None)
         optim = make_optimizer(method.param_groups(), cfg.train)
         for g in optim.param_groups:
             g["lr"] = cfg.train.lr * g.get("lr_scale", 1.0)
