@@ -193,3 +193,27 @@ def test_tau_null_in_yaml_and_on_the_command_line():
     assert toy_cfg("cfsg_clip").params.tau is None  # configs/methods/cfsg_clip.yaml: tau: null
     assert toy_cfg("cfsg_clip", sets=["params.tau=0.02"]).params.tau == 0.02
     assert toy_cfg("cfsg_clip", sets=["params.tau=0.02", "params.tau=null"]).params.tau is None
+
+
+def test_tau_is_0_01_on_openai_format_weights(tmp_path):
+    """An OpenAI-format checkpoint (fp16 weights, logit_scale kept in fp32 at log(100) as OpenAI's
+    convert_weights leaves it, the input_resolution / context_length / vocab_size entries) loaded
+    through the backbone's OpenAI path gives CFSG-CLIP tau = 0.01 (float32 rounding of exp aside)."""
+    import open_clip
+
+    from benchmark.backbone import BackboneConfig, CLIPBackbone
+    from test_openai_checkpoint import EXTRA, TINY
+
+    torch.manual_seed(0)
+    sd = open_clip.create_model(TINY, pretrained=None).state_dict()
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    sd["logit_scale"] = torch.tensor(math.log(100.0))
+    sd.update({k: torch.tensor(v) for k, v in EXTRA.items()})
+    torch.save(sd, tmp_path / "ViT-tiny.pt")
+    bb = CLIPBackbone.load(BackboneConfig(model=TINY, pretrained=str(tmp_path / "ViT-tiny.pt")))
+    m = make(bb, depth=1, top_k=1)
+    assert m.tau == pytest.approx(0.01, rel=1e-6)
+    sd["logit_scale"] = torch.tensor(math.log(50.0))  # another scale in the same format: another tau
+    torch.save(sd, tmp_path / "other.pt")
+    other = make(CLIPBackbone.load(BackboneConfig(model=TINY, pretrained=str(tmp_path / "other.pt"))), depth=1, top_k=1)
+    assert other.tau == pytest.approx(0.02, rel=1e-6)
