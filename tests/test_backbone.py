@@ -41,13 +41,8 @@ def test_encode_text_equals_open_clip_when_not_shortened(micro_backbone):
     assert torch.equal(ours, ref)
 
 
-def test_shortened_text_tower_equals_open_clip_within_rounding(micro_backbone):
-    """Prompts of different lengths in one batch: the tower runs up to the longest EOT only, and
-    every prompt's feature (short ones included) is open_clip's full-length one within fp32 rounding."""
-    bb = micro_backbone
-    tokens = bb.tokenize(TEXTS)
-    eot = tokens.argmax(-1)
-    assert len(set(eot.tolist())) == 3 and int(eot.max()) + 1 < tokens.shape[1]
+def _full_and_short(bb, tokens):
+    """open_clip's full-length text features, the wrapper's, and the sequence lengths its blocks saw."""
     with torch.no_grad():
         ref = bb.model.encode_text(tokens)
     seen, hook = _block_lengths(bb)
@@ -56,6 +51,17 @@ def test_shortened_text_tower_equals_open_clip_within_rounding(micro_backbone):
             ours = bb.encode_text(tokens)
     finally:
         hook.remove()
+    return ref, ours, seen
+
+
+def test_shortened_text_tower_equals_open_clip_within_rounding(micro_backbone):
+    """Prompts of different lengths in one batch: the tower runs up to the longest EOT only, and
+    every prompt's feature (short ones included) is open_clip's full-length one within fp32 rounding."""
+    bb = micro_backbone
+    tokens = bb.tokenize(TEXTS)
+    eot = tokens.argmax(-1)
+    assert len(set(eot.tolist())) == 3 and int(eot.max()) + 1 < tokens.shape[1]
+    ref, ours, seen = _full_and_short(bb, tokens)
     assert seen == [int(eot.max()) + 1]
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     # each prompt alone (its own, shorter length) gives the same feature too
@@ -106,14 +112,7 @@ def test_shortened_text_tower_keeps_all_positions_without_causal_mask(micro_back
     bb = copy.deepcopy(micro_backbone)
     tokens = bb.tokenize(TEXTS)
     bb.model.attn_mask = torch.zeros_like(bb.model.attn_mask)  # bidirectional attention
-    with torch.no_grad():
-        ref = bb.model.encode_text(tokens)
-    seen, hook = _block_lengths(bb)
-    try:
-        with torch.no_grad():
-            ours = bb.encode_text(tokens)
-    finally:
-        hook.remove()
+    ref, ours, seen = _full_and_short(bb, tokens)
     assert seen == [tokens.shape[1]]
     assert torch.equal(ours, ref)
 
