@@ -436,9 +436,7 @@ class CLIPBackbone(nn.Module):
 
     @property
     def num_patches(self) -> int:
-        if self.image_tower == "resnet":  # attention-pool grid: (image_size // 32) ** 2
-            return self.model.visual.attnpool.positional_embedding.shape[0] - 1
-        gh, gw = self.grid_size
+        gh, gw = self.grid_size  # a ResNet's attention-pool grid included
         return gh * gw
 
     @property

@@ -79,7 +79,6 @@ RANGES: Dict[str, str] = {
     "data.num_workers": "[0, inf)",  # null: as many as the machine has (see loader.py)
     "data.cached_views": "[0, inf)",  # 0: off (a fresh augmentation every step)
 }
-INTEGER_KEYS = {"shots", "seed"}
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "train.optimizer": ("sgd", "adamw"),
     "train.epoch_over": ("labeled", "unlabeled"),
@@ -88,10 +87,6 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "train.amp": ("auto", "bf16", "off"),
 }
 SECTIONS = ("train", "ssl", "eval", "data", "backbone")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def check_value(key: str, value: Any, spec: str, integer: bool = False, where: str = "") -> None:

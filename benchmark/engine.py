@@ -301,8 +301,8 @@ class Engine:
 
     def preflight(self, cfg: RunConfig) -> None:
         """Build everything a run needs (dataset and its split, backbone, method) without training
-        or writing results: a bad config fails here, before ``--force`` archives anything."""
-        check_config(cfg)
+        or writing results: a bad config fails here, before ``--force`` archives anything (``run``
+        has already checked the config's ranges)."""
         device = resolve_device(cfg.device)
         autocast_for(device, cfg.train.amp)
         method_cls = METHODS.get(cfg.method)

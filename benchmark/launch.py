@@ -394,6 +394,8 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
                 except Exception:  # noqa: BLE001 - the job died or raised outside a cell
                     job_err = _job_error(job, kind)
             retry: List[_Cell] = []
+            # the pack's first unfinished cell: the one its task was running when it died
+            first_open = next((x for x in p if engine.status(x.cfg) != "complete"), None)
             for c in p:
                 rec = recs.get(c.key) or {"outcome": "died", "error": job_err}
                 d = run_dir(results, c.cfg)
@@ -408,8 +410,7 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
                     print(f"  {_label(c.key)} is being run by another process: waiting for it", flush=True)
                     watching.append(c)
                     continue
-                first = c is next(x for x in p if engine.status(x.cfg) != "complete")
-                if rec["outcome"] == "died" and not _started(d) and not first:
+                if rec["outcome"] == "died" and not _started(d) and c is not first_open:
                     retry.append(c)  # its pack's task died before reaching it: not an attempt
                     continue
                 c.attempts.append({"job_id": job.job_id, "outcome": rec["outcome"],

@@ -293,7 +293,7 @@ class ViewFeatureCache:
                                               return_patches="patches" in fields)
                 for f in fields:
                     outs[f].append(getattr(o, f).float().cpu())
-            cat = {f: torch.cat(v).reshape(len(todo), views, *torch.cat(v).shape[1:]) for f, v in outs.items()}
+            cat = {f: torch.cat(v).unflatten(0, (len(todo), views)) for f, v in outs.items()}
             for r, i in enumerate(todo):
                 e = entry.setdefault(split.ids[i], {})
                 for f in fields:

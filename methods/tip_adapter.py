@@ -64,8 +64,8 @@ class TipAdapter(Method):
         self.val_ids = {labeled.ids[i] for i in self.val_rows.tolist()}
         self.val_features = F.normalize(labeled.features[self.val_rows].float(), dim=-1)
         self.val_labels = labeled.labels[self.val_rows]
-        self.fit_rows = torch.tensor([i for i, sid in enumerate(labeled.ids) if sid not in self.val_ids],
-                                     dtype=torch.int64, device=feats.device)
+        keep = torch.ones(len(labeled.ids), dtype=torch.bool, device=feats.device)  # rows not held out
+        self.fit_rows = keep.index_fill_(0, self.val_rows, False).nonzero().flatten()
         self.search_cache = (self.keys_all[self.fit_rows], self.values_all[self.fit_rows])
         self.install_cache()
 
@@ -86,12 +86,13 @@ class TipAdapter(Method):
     def after_train(self) -> None:
         if not self.cfg.search or len(self.val_rows) == 0:
             return  # 1 shot, or search off: the initial alpha and beta
-        keys, values = self.search_cache
-        (sb, sa), (nb, na) = self.cfg.search_scale, self.cfg.search_step
-        best = (-1.0, 0.0, 0.0)
+        (keys, values), f = self.search_cache, self.val_features
+        (sb, sa), (nb, na), best = self.cfg.search_scale, self.cfg.search_step, (-1.0, 0.0, 0.0)
+        clip, aff = self.backbone.logit_scale * f @ self.text_weights.t(), f @ keys.t()  # as logits(), once
         for beta in [i * (sb - 0.1) / nb + 0.1 for i in range(nb)]:
+            e = torch.exp(-beta * (1 - aff))
             for alpha in [i * (sa - 0.1) / na + 0.1 for i in range(na)]:
-                pred = self.logits(self.val_features, keys, values, alpha, beta).argmax(-1)
+                pred = (clip + alpha * e @ values).argmax(-1)
                 acc = float((pred == self.val_labels).float().mean())
                 if acc > best[0]:  # strictly better: the first best in grid order wins, as the official
                     best = (acc, alpha, beta)

@@ -28,11 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def summarise(results: Path) -> str:
+def _costs(results: Path) -> dict:
+    """label -> the ``cost`` records of its finished runs under ``results``."""
     rows = defaultdict(list)
     for p in sorted(results.glob("runs/*/*/*/result.json")):
         r = json.loads(p.read_text())
         rows[r.get("label") or r["method"]].append(r["cost"])
+    return rows
+
+
+def summarise(results: Path) -> str:
+    rows = _costs(results)
     lines = [f"{'method':<16}{'runs':>5}{'mean s/run':>12}{'train':>8}{'eval':>8}{'max':>8}{'total s':>9}"]
     grand = 0.0
     for m, costs in rows.items():
@@ -51,18 +57,14 @@ OFF_SETS = ["train.short_text=false", "data.cached_views=0"]
 
 
 def _method_seconds(results: Path) -> dict:
-    out = defaultdict(float)
-    for p in results.glob("runs/*/*/*/result.json"):
-        r = json.loads(p.read_text())
-        out[r.get("label") or r["method"]] += r["cost"]["total_seconds"]
-    return out
+    return defaultdict(float, {m: sum(c["total_seconds"] for c in costs) for m, costs in _costs(results).items()})
 
 
 def paired(rest) -> int:
     from benchmark.cli import main as run_all
-    from benchmark.experiment import expand_methods, load_experiment
+    from benchmark.experiment import DEFAULT_EXPERIMENT, expand_methods, load_experiment
 
-    exp_name = rest[rest.index("--experiment") + 1] if "--experiment" in rest else "embedded"
+    exp_name = rest[rest.index("--experiment") + 1] if "--experiment" in rest else DEFAULT_EXPERIMENT
     if "--methods" in rest:
         i = rest.index("--methods")
         methods, rest = rest[i + 1].split(","), rest[:i] + rest[i + 2:]

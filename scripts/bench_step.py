@@ -70,16 +70,6 @@ class Variant:
         self.backbone.short_text = self.options.get("short_text", False)
 
 
-def _frozen_outputs(method, backbone, images):
-    """The frozen image-tower outputs a method's training step reads (``Method.frozen_train_outputs``)."""
-    import torch
-
-    fields = tuple(getattr(method, "frozen_train_outputs", ()) or ())
-    with torch.no_grad():
-        return backbone.encode_image(images, return_value_local="value_local" in fields,
-                                     return_patches="patches" in fields)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,10 +125,10 @@ def main(argv=None) -> int:
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         cls = METHODS.get(name)
         cfg = resolve(cls, dataset, 16, 1, experiment, [f"train.batch_size={args.batch_size}"])
+        applies = {"short_text": True, "view_cache": False}
+        if cls.frozen_train_outputs and not cls.modifies_backbone:  # the instance decides (config)
+            applies["view_cache"] = bool(cls(copy.deepcopy(cfg.params), backbone, ctx).frozen_train_outputs)
         for opt_name in option_names:
-            applies = {"short_text": True, "view_cache": False}
-            if cls.frozen_train_outputs and not cls.modifies_backbone:  # the instance decides (config)
-                applies["view_cache"] = bool(cls(copy.deepcopy(cfg.params), backbone, ctx).frozen_train_outputs)
             if opt_name == "all":
                 on = {k: v for k, v in applies.items()}
                 single = [k for k, v in on.items() if v]
@@ -187,7 +177,7 @@ def bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, a
             batch.u_ids = list(batch.ids)
         if v.options.get("view_cache"):
             if "weak" not in v.memo:  # the cache is filled once (untimed below: the warm-up step)
-                v.memo["weak"] = _frozen_outputs(m, v.backbone, images)
+                v.memo["weak"] = m.frozen_image(batch)  # batch.features is still None: encodes
             batch.features = {"weak": v.memo["weak"]}
         return batch
 
