@@ -103,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     engine = Engine(results, force=args.force)
     runs = grid.runs
-    label = lambda c: f"{c.dataset}/{c.label}/{c.shots}-shot/seed{c.seed}"  # noqa: E731
+    from .launch import cell_key, cell_label
+    label = lambda c: cell_label(cell_key(c))  # noqa: E731
     print(f"experiment {exp['name']}: {len(grid.methods)} methods x {len(grid.datasets)} datasets x "
           f"shots {grid.shots} x seeds {grid.seeds} = {len(runs)} runs -> {results}")
     if args.dry_run or args.status:
@@ -239,16 +240,13 @@ def show_status(engine, runs, label, dry_run: bool, force: bool) -> int:
     checks what each pending run needs (dataset root and layout, shots per class) and returns 1 if
     any run would fail."""
     from .checks import data_problem
-    from .engine import run_dir
-    from .integrity import inspect_run
     from .protocol import manifest_problem
 
     counts, would_fail, memo, manifests, said = Counter(), 0, {}, set(), set()
     for c in runs:
-        st = engine.status(c)
+        st, damaged = engine.status_and_damage(c)
         counts[st] += 1
-        notes = [f"{p.name}: {why} (quarantined and redone by the next run)"
-                 for p, why in inspect_run(run_dir(engine.results_dir, c))]
+        notes = [f"{p.name}: {why} (quarantined and redone by the next run)" for p, why in damaged]
         bad = manifest_problem(engine.results_dir, c.dataset, c.shots, c.seed, c.eval.split)
         if bad and bad[0] not in manifests:
             manifests.add(bad[0])

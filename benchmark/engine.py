@@ -36,7 +36,7 @@ from .backbone import BackboneConfig, CLIPBackbone, ImageOutput
 from .config import RunConfig, cell_hash, config_hash, to_dict
 from .errors import BenchmarkError, ConfigError, ResultExistsError, RunLockedError
 from .checks import check_config
-from .integrity import heal_run, inspect_run, load_checkpoint, trim_log
+from .integrity import heal_run, inspect_run, load_checkpoint, read_run, trim_log
 from .io import atomic_savez, atomic_torch_save, atomic_write_json
 from .loader import (FeatureCache, StepBatches, ViewBatch, ViewFeatureCache, build_transforms, encode_augmented,
                      eval_loader, stream_loader, with_loader_workers)
@@ -251,18 +251,22 @@ class Engine:
     def status(self, cfg: RunConfig) -> str:
         """complete | stale (finished with another config hash) | partial | failed | missing |
         damaged (a file of the run is truncated or corrupt: :meth:`damaged` says which)"""
+        return self.status_and_damage(cfg)[0]
+
+    def status_and_damage(self, cfg: RunConfig) -> Tuple[str, List[Tuple[Path, str]]]:
+        """:meth:`status` and the run's damaged files and why (:func:`inspect_run`), from one
+        check of its files."""
         d = run_dir(self.results_dir, cfg)
-        if inspect_run(d):
-            return "damaged"
-        res = d / "result.json"
-        if res.exists():
-            r = json.loads(res.read_text())
-            return "complete" if r.get("config_hash") == config_hash(cfg) else "stale"
+        result, problems = read_run(d)
+        if problems:
+            return "damaged", problems
+        if result is not None:
+            return ("complete" if result.get("config_hash") == config_hash(cfg) else "stale"), problems
         if (d / "checkpoint.pt").exists():
-            return "partial"
+            return "partial", problems
         if (d / "error.txt").exists():
-            return "failed"
-        return "missing"
+            return "failed", problems
+        return "missing", problems
 
     def damaged(self, cfg: RunConfig) -> List[Tuple[Path, str]]:
         """The run's damaged files and why (its split manifest included)."""
@@ -278,9 +282,8 @@ class Engine:
         res_path = d / "result.json"
         check_config(cfg)
         with RunLock(d):
-            heal_run(d, self._archive, self.log)  # damaged files: quarantined, the run redone
-            if res_path.exists():
-                old = json.loads(res_path.read_text())
+            old, _ = heal_run(d, self._archive, self.log)  # damaged files: quarantined, the run redone
+            if old is not None:
                 if old.get("config_hash") == chash:
                     return old
                 if not self.force:

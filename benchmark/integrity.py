@@ -33,20 +33,26 @@ FINISHED_FILES = (("predictions.npz", True), ("learned.pt", False), ("patches.np
 Problem = Tuple[Path, str]  # (file, why it is damaged)
 
 
-def check_json(path: Path, keys: Tuple[str, ...] = ()) -> Optional[str]:
-    """Why ``path`` is not a usable JSON object (None when it is)."""
+def read_json(path: Path, keys: Tuple[str, ...] = ()) -> Tuple[Optional[dict], Optional[str]]:
+    """``(the JSON object at path, None)`` when it is usable (holds ``keys``), else ``(None, why
+    not)``: the file is read and parsed once, for the check and for the caller."""
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return f"not valid JSON (truncated or corrupt: {exc})"
+        return None, f"not valid JSON (truncated or corrupt: {exc})"
     except OSError as exc:
-        return f"unreadable ({exc})"
+        return None, f"unreadable ({exc})"
     if not isinstance(data, dict):
-        return "not a JSON object"
+        return None, "not a JSON object"
     missing = [k for k in keys if k not in data]
     if missing:
-        return f"incomplete: no {', '.join(missing)}"
-    return None
+        return None, f"incomplete: no {', '.join(missing)}"
+    return data, None
+
+
+def check_json(path: Path, keys: Tuple[str, ...] = ()) -> Optional[str]:
+    """Why ``path`` is not a usable JSON object (None when it is)."""
+    return read_json(path, keys)[1]
 
 
 def check_zip(path: Path) -> Optional[str]:
@@ -66,11 +72,18 @@ def check_zip(path: Path) -> Optional[str]:
 def inspect_run(d: Path) -> List[Problem]:
     """The damaged files of the run folder ``d`` (empty when every present file is intact; a
     missing ``predictions.npz`` beside a ``result.json`` counts as damage)."""
+    return read_run(d)[1]
+
+
+def read_run(d: Path) -> Tuple[Optional[dict], List[Problem]]:
+    """``(result, problems)`` of the run folder ``d``: its parsed ``result.json`` (None when absent
+    or damaged) and its damaged files as :func:`inspect_run` lists them, each file read once."""
     d = Path(d)
     problems: List[Problem] = []
+    result = None
     res = d / "result.json"
     if res.exists():
-        why = check_json(res, RESULT_KEYS)
+        result, why = read_json(res, RESULT_KEYS)
         if why:
             problems.append((res, why))
         for name, required in FINISHED_FILES:
@@ -86,7 +99,7 @@ def inspect_run(d: Path) -> List[Problem]:
         why = check_zip(ck)
         if why:
             problems.append((ck, why))
-    return problems
+    return result, problems
 
 
 def quarantine(path: Path, why: str, log=None, then: str = "") -> Path:
@@ -104,19 +117,21 @@ def quarantine(path: Path, why: str, log=None, then: str = "") -> Path:
     return target
 
 
-def heal_run(d: Path, archive, log=None) -> List[Problem]:
+def heal_run(d: Path, archive, log=None) -> Tuple[Optional[dict], List[Problem]]:
     """Quarantine the damaged files of run folder ``d``. If the run had finished (a result.json,
     intact or not), its remaining files are moved away with ``archive(d)`` so that the redone run
-    never overwrites them. Returns the problems found."""
-    problems = inspect_run(d)
+    never overwrites them. Returns ``(result, problems)``: the parsed ``result.json`` still in place
+    (None when there is none or it was moved away) and the problems found."""
+    result, problems = read_run(d)
     if not problems:
-        return problems
+        return result, problems
     for p, why in problems:
         if p.exists():
             quarantine(p, why, log, then="the run is redone")
     if any(p.name != "checkpoint.pt" for p, _ in problems):
         archive(d)
-    return problems
+        result = None
+    return result, problems
 
 
 def trim_log(path: Path, start: int) -> None:

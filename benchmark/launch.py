@@ -225,12 +225,12 @@ class GridTask(_Checkpointable):
                 cfg = self.config(key)
                 if config_hash(cfg) != chash:
                     raise ConfigError(
-                        f"the config of {_label(key)} changed after submission (hash {config_hash(cfg)}, "
+                        f"the config of {cell_label(key)} changed after submission (hash {config_hash(cfg)}, "
                         f"submitted {chash}): a YAML was edited while the grid ran; rerun the launcher")
                 if engine.status(cfg) == "complete":
                     rec["outcome"] = "skipped"
                 else:
-                    print(f"{_label(key)}", flush=True)
+                    print(f"{cell_label(key)}", flush=True)
                     m = engine.run(cfg)["metrics"]
                     rec["outcome"] = "ran"
                     print(f"  acc {m['acc']:.2f}  ba {m['ba_closed']:.2f}  auroc {m['auroc']:.2f}  "
@@ -253,7 +253,8 @@ class GridTask(_Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
-def _label(key) -> str:
+def cell_label(key: CellKey) -> str:
+    """How the runners name a grid cell in their messages: ``<dataset>/<label>/<k>-shot/seed<s>``."""
     label, ds, shots, seed = key
     return f"{ds}/{label}/{shots}-shot/seed{seed}"
 
@@ -348,7 +349,7 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
         jobs = submit(pending)
         atomic_write_json(folder / "last_launch.json", {
             "launcher": kind, "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "jobs": [{"job_id": j.job_id, "cells": [_label(c.key) for c in p]} for j, p in jobs]})
+            "jobs": [{"job_id": j.job_id, "cells": [cell_label(c.key) for c in p]} for j, p in jobs]})
         print("not waiting (--no-wait): watch with --status; when the jobs have ended build the tables "
               "with --report-only, and rerun this command to retry cells that did not finish")
         return None
@@ -401,13 +402,13 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
                 d = run_dir(results, c.cfg)
                 if engine.status(c.cfg) == "complete":
                     n_done += 1
-                    print(f"[{n_done}/{len(cells)}] {_label(c.key)}: {rec['outcome']}", flush=True)
+                    print(f"[{n_done}/{len(cells)}] {cell_label(c.key)}: {rec['outcome']}", flush=True)
                     if c.attempts:
                         c.attempts.append({"job_id": job.job_id, "outcome": rec["outcome"]})
                         atomic_write_json(d / "launch.json", {"state": "complete", "attempts": c.attempts})
                     continue
                 if rec["outcome"] == "busy":
-                    print(f"  {_label(c.key)} is being run by another process: waiting for it", flush=True)
+                    print(f"  {cell_label(c.key)} is being run by another process: waiting for it", flush=True)
                     watching.append(c)
                     continue
                 if rec["outcome"] == "died" and not _started(d) and c is not first_open:
@@ -419,12 +420,12 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
                 left = opts["retries"] + 1 - n_fail if rec.get("retry", True) else 0
                 state = "retrying" if left > 0 else "failed"
                 atomic_write_json(d / "launch.json", {"state": state, "attempts": c.attempts})
-                print(f"  {_label(c.key)}: attempt {n_fail} {rec['outcome']}: {c.attempts[-1]['error']}"
+                print(f"  {cell_label(c.key)}: attempt {n_fail} {rec['outcome']}: {c.attempts[-1]['error']}"
                       + (f"; resubmitting ({left} left)" if left > 0 else "; giving up"), flush=True)
                 if left > 0:
                     retry.append(c)
                 else:
-                    failed.append((_label(c.key), CellFailed(
+                    failed.append((cell_label(c.key), CellFailed(
                         f"{c.attempts[-1]['error']} (after {n_fail} attempts; see {d / 'launch.json'})")))
             pending += packs(retry)
         running = still
@@ -435,7 +436,7 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
             watching.remove(c)
             if engine.status(c.cfg) == "complete":
                 n_done += 1
-                print(f"[{n_done}/{len(cells)}] {_label(c.key)}: finished by another process", flush=True)
+                print(f"[{n_done}/{len(cells)}] {cell_label(c.key)}: finished by another process", flush=True)
             else:
                 pending += packs([c])
     return failed

@@ -139,31 +139,45 @@ def stream_loader(split: Split, indices: np.ndarray, views: Dict[str, Callable],
                       persistent_workers=False)
 
 
+def items_loader(split: Split, views: Dict[str, Callable], items: Sequence[Tuple[int, int]], batch_size: int,
+                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The ``(position in split, augmentation seed)`` items in order, ``batch_size`` at a time."""
+    batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    return DataLoader(ViewDataset(split, views), batch_sampler=batches, collate_fn=_collate,
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
 def eval_loader(split: Split, indices: np.ndarray, transform: Callable, batch_size: int,
                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    ds = ViewDataset(split, {"test": transform})
-    items = [(int(i), 0) for i in indices]
-    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    return DataLoader(ds, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers,
-                      pin_memory=pin_memory)
+    return items_loader(split, {"test": transform}, [(int(i), 0) for i in indices], batch_size, num_workers,
+                        pin_memory)
 
 
 @torch.no_grad()
+def encode_items(backbone, split: Split, transform: Callable, items: Sequence[Tuple[int, int]],
+                 batch_size: int, device, autocast, num_workers: int = 0,
+                 fields: Sequence[str] = ("pooled",)) -> Dict[str, torch.Tensor]:
+    """The frozen image tower's outputs ``{field: [len(items), ...]}`` (CPU, fp32, in ``items``
+    order) of the ``(position in split, augmentation seed)`` items under ``transform``, encoded
+    ``batch_size`` images at a time (no items: pooled features of shape [0, E])."""
+    outs: Dict[str, List[torch.Tensor]] = {f: [] for f in fields}
+    for b in items_loader(split, {"v": transform}, items, batch_size, num_workers):
+        with autocast():
+            o = backbone.encode_image(b["v"].to(device), return_value_local="value_local" in fields,
+                                      return_patches="patches" in fields)
+        for f in fields:
+            outs[f].append(getattr(o, f).float().cpu())
+    return {f: torch.cat(v) if v else torch.zeros(0, backbone.embed_dim) for f, v in outs.items()}
+
+
 def encode_augmented(backbone, split: Split, indices: np.ndarray, transform: Callable, rounds: int,
                      seed: int, batch_size: int, device, autocast, num_workers: int = 0) -> torch.Tensor:
     """Pooled CLIP features [rounds, N, E] (CPU, fp32) of ``rounds`` augmentations of each image
     ``indices``; sample ``k``'s augmentation in round ``r`` is seeded by (seed, "setup", r, k), so the
     result is deterministic per seed (and independent of the batch size and of workers)."""
-    ds = ViewDataset(split, {"v": transform})
-    out = []
-    for r in range(int(rounds)):
-        items = [(int(i), sample_seed(seed, STREAMS["setup"], r, k)) for k, i in enumerate(indices)]
-        batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-        feats = []
-        with autocast():
-            for b in DataLoader(ds, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers):
-                feats.append(backbone.encode_image(b["v"].to(device)).pooled.float().cpu())
-        out.append(torch.cat(feats) if feats else torch.zeros(0, backbone.embed_dim))
+    out = [encode_items(backbone, split, transform,
+                        [(int(i), sample_seed(seed, STREAMS["setup"], r, k)) for k, i in enumerate(indices)],
+                        batch_size, device, autocast, num_workers)["pooled"] for r in range(int(rounds))]
     return torch.stack(out) if out else torch.zeros(0, len(indices), backbone.embed_dim)
 
 
@@ -177,7 +191,8 @@ class FeatureCache:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
 
-    def key(self, backbone_identity: str, dataset: str, split: Split, transform_desc: str) -> str:
+    @staticmethod
+    def key(backbone_identity: str, dataset: str, split: Split, transform_desc: str) -> str:
         raw = "|".join([backbone_identity, dataset, split.fingerprint(), transform_desc]
                        + ([split.variant] if getattr(split, "variant", "") else []))
         return hashlib.sha256(raw.encode()).hexdigest()[:24]
@@ -191,11 +206,8 @@ class FeatureCache:
                 return torch.load(path, map_location="cpu")
             except Exception:  # noqa: BLE001 - a corrupt cache file is recomputed
                 path.unlink(missing_ok=True)
-        feats = []
-        with torch.no_grad(), autocast():
-            for b in eval_loader(split, np.arange(len(split)), transform, batch_size, num_workers):
-                feats.append(backbone.encode_image(b["test"].to(device)).pooled.float().cpu())
-        out = torch.cat(feats)
+        out = encode_items(backbone, split, transform, [(i, 0) for i in range(len(split))], batch_size,
+                           device, autocast, num_workers)["pooled"]
         atomic_torch_save(path, out)
         return out
 
@@ -260,9 +272,7 @@ class ViewFeatureCache:
         return sample_seed(ViewFeatureCache.STREAM, view, zlib.crc32(sample_id.encode()))
 
     def _entry(self, backbone, dataset: str, split: Split, transform: Callable, views: int):
-        raw = "|".join([backbone.identity, dataset, split.fingerprint(), repr(transform), f"views={views}"]
-                       + ([split.variant] if getattr(split, "variant", "") else []))
-        key = hashlib.sha256(raw.encode()).hexdigest()[:24]
+        key = FeatureCache.key(backbone.identity, dataset, split, f"{transform!r}|views={views}")
         if key not in self._entries:
             path = self.folder / f"{dataset}-views{views}-{key}.pt"
             entry: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -283,17 +293,9 @@ class ViewFeatureCache:
         todo = sorted({int(i) for i in indices
                        if any(f not in entry.get(split.ids[int(i)], {}) for f in fields)})
         if todo:
-            ds = ViewDataset(split, {"v": transform})
             items = [(i, self.view_seed(split.ids[i], v)) for i in todo for v in range(views)]
-            outs: Dict[str, List[torch.Tensor]] = {f: [] for f in fields}
-            for s in range(0, len(items), batch_size):
-                b = _collate([ds[it] for it in items[s:s + batch_size]])
-                with autocast():
-                    o = backbone.encode_image(b["v"].to(device), return_value_local="value_local" in fields,
-                                              return_patches="patches" in fields)
-                for f in fields:
-                    outs[f].append(getattr(o, f).float().cpu())
-            cat = {f: torch.cat(v).unflatten(0, (len(todo), views)) for f, v in outs.items()}
+            outs = encode_items(backbone, split, transform, items, batch_size, device, autocast, fields=fields)
+            cat = {f: v.unflatten(0, (len(todo), views)) for f, v in outs.items()}
             for r, i in enumerate(todo):
                 e = entry.setdefault(split.ids[i], {})
                 for f in fields:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .data import DatasetPlugin, Split, sha256_json
 from .errors import DatasetError
-from .integrity import check_json, quarantine
+from .integrity import quarantine, read_json
 from .io import atomic_write_text
 
 PROTOCOL_VERSION = 1
@@ -98,12 +98,19 @@ def canonical_fingerprint(split: Split) -> str:
     return Split(ids=[split.ids[i] for i in order], labels=split.labels[order], loader=split.loader).fingerprint()
 
 
+MANIFEST_KEYS = ("hash", "labeled", "num_known", "known_classnames")
+
+
+def read_manifest(path: Path):
+    """``(manifest, why)``: the split manifest at ``path`` and None, ``(None, why it cannot be read
+    back)``, or ``(None, None)`` when there is none."""
+    return read_json(path, MANIFEST_KEYS) if path.exists() else (None, None)
+
+
 def manifest_problem(results_dir: Path, dataset: str, shots: int, seed: int, eval_split: str = "test"):
     """``(path, why)`` when the split manifest exists but cannot be read back, else None."""
     path = manifest_path(results_dir, dataset, shots, seed, eval_split)
-    if not path.exists():
-        return None
-    why = check_json(path, ("hash", "labeled", "num_known", "known_classnames"))
+    why = read_manifest(path)[1]
     return (path, why) if why else None
 
 
@@ -130,15 +137,14 @@ def load_or_create(plugin: DatasetPlugin, shots: int, seed: int, results_dir: Pa
             raise DatasetError(f"{plugin.name}: {sname} labels must lie in [0, {C}) for {C} classes")
     path = manifest_path(results_dir, plugin.name, shots, seed, eval_split)
     fresh = build_manifest(plugin.name, classnames, train, test, shots, seed)
-    bad = manifest_problem(results_dir, plugin.name, shots, seed, eval_split)
+    manifest, bad = read_manifest(path)
     if bad:  # truncated or unparsable: set aside (never deleted) and written again from the data
-        quarantine(path, bad[1], then="a new manifest is written from the dataset")
+        quarantine(path, bad, then="a new manifest is written from the dataset")
     if eval_split != "test":  # test manifests keep the content (and hash) they always had
         fresh = {k: v for k, v in fresh.items() if k != "hash"}
         fresh["eval_split"] = eval_split
         fresh["hash"] = sha256_json(fresh)
-    if path.exists():
-        manifest = json.loads(path.read_text())
+    if manifest is not None:
         stored_hash = manifest.get("hash")
         body = {k: v for k, v in manifest.items() if k != "hash"}
         if sha256_json(body) != stored_hash:

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import BenchmarkError
-from .integrity import RESULT_KEYS, check_json
+from .integrity import RESULT_KEYS, read_json
 from .io import atomic_write_text
 
 TABLES = {  # file stem -> (metric, title)
@@ -32,14 +31,20 @@ LOWER_IS_BETTER = {"fpr95"}
 FIGURE_METRICS = ("acc", "ba_closed", "auroc", "h_score")
 
 
+def read_result(path: Path) -> dict:
+    """A run's ``result.json``, read once and checked for the keys a table needs (a damaged file
+    raises :class:`BenchmarkError` saying what to do)."""
+    r, why = read_json(Path(path), RESULT_KEYS)
+    if why:
+        raise BenchmarkError(f"{path} is damaged ({why}); run run_all.py again: it sets the file aside "
+                             f"and redoes the run")
+    return r
+
+
 def collect(result_paths: Iterable[Path]) -> pd.DataFrame:
     rows = []
     for p in result_paths:
-        why = check_json(Path(p), RESULT_KEYS)
-        if why:
-            raise BenchmarkError(f"{p} is damaged ({why}); run run_all.py again: it sets the file aside "
-                                 f"and redoes the run")
-        r = json.loads(Path(p).read_text())
+        r = read_result(p)
         for metric, value in r["metrics"].items():
             if metric == "open_threshold":
                 continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import re
 import sys
 from collections import defaultdict
@@ -55,9 +54,11 @@ def slug(sets: List[str]) -> str:
 
 def collect(results: Path) -> Dict[Tuple[str, str], Dict[str, Dict[str, List[float]]]]:
     """{(setting, label): {dataset: {metric: [values over seeds and shots]}}} of validation runs."""
+    from benchmark.report import read_result
+
     out: Dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for p in sorted(results.glob("*/runs/*/*/*/result.json")):
-        r = json.loads(p.read_text())
+        r = read_result(p)
         split = r["config"]["eval"].get("split", "test")
         if split != "val":
             raise SystemExit(f"{p} was evaluated on the {split!r} split: a sweep reads validation runs only")

@@ -9,7 +9,7 @@ import pytest
 from benchmark import ROOT
 from benchmark.config import config_hash, resolve
 from benchmark.engine import Engine, run_dir
-from benchmark.errors import DatasetError
+from benchmark.errors import BenchmarkError, DatasetError
 from benchmark.experiment import load_experiment
 from benchmark.protocol import load_or_create
 from benchmark.registry import DATASETS, METHODS
@@ -98,7 +98,8 @@ def _fake_result(root, setting, split, acc):
     d = root / setting / "runs" / "synth_cub" / "coop" / "shots20_seed1"
     d.mkdir(parents=True)
     (d / "result.json").write_text(json.dumps({
-        "label": "coop", "dataset": "synth_cub", "metrics": {"acc": acc, "auroc": 60.0},
+        "method": "coop", "label": "coop", "dataset": "synth_cub", "shots": 20, "seed": 1,
+        "metrics": {"acc": acc, "auroc": 60.0}, "config_hash": "h", "split_hash": "s", "cost": {},
         "config": {"eval": {"split": split}}}))
 
 
@@ -114,6 +115,10 @@ def test_the_sweep_reads_validation_runs_only(tmp_path):
     _fake_result(tmp_path / "mixed", "train.lr=0.2", "test", 80.0)
     with pytest.raises(SystemExit, match="validation runs only"):
         S.table(tmp_path / "mixed")
+    cut = tmp_path / "ok" / "train.lr=0.2" / "runs" / "synth_cub" / "coop" / "shots20_seed1" / "result.json"
+    cut.write_text(cut.read_text()[:40])  # a damaged result is refused as the tables refuse it
+    with pytest.raises(BenchmarkError, match="is damaged"):
+        S.table(tmp_path / "ok")
     assert S.settings(["train.lr=0.1,0.2", "train.epochs=5,10"]) == [
         ["train.lr=0.1", "train.epochs=5"], ["train.lr=0.1", "train.epochs=10"],
         ["train.lr=0.2", "train.epochs=5"], ["train.lr=0.2", "train.epochs=10"]]
