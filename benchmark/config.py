@@ -32,6 +32,11 @@ from .data import sha256_json
 from .errors import ConfigError, nearest
 
 NOHASH = {"hash": False}
+# The revision of the engine's learning-rate schedule (benchmark.engine.lr_at), hashed only into the
+# configs whose learning rates it changed: a cosine after warmup_epochs > 0. Revision 2: the cosine
+# starts its count after the warm-up (Dassl's WARMUP_RECOUNT); revision 1 counted it from step 0.
+# Runs of revision 1 with a warm-up are therefore stale; runs without one keep their hashes.
+SCHEDULE_REVISION = 2
 
 
 @dataclass
@@ -182,6 +187,8 @@ def _hash_tree(cfg: RunConfig) -> Dict[str, Any]:
     if getattr(METHODS.get(cfg.method), "trains", True) is False:
         d.pop("train")
         d.pop("ssl")
+    elif cfg.train.warmup_epochs > 0 and cfg.train.scheduler == "cosine":
+        d["train"]["schedule_revision"] = SCHEDULE_REVISION  # see SCHEDULE_REVISION
     return d
 
 

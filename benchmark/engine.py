@@ -88,7 +88,8 @@ def lr_at(step: int, total: int, spe: int, tc) -> float:
     after: the first epoch after warm-up runs at the full lr, and with W > 0 the last epoch stays
     above ``lr_min`` (T_max is max_epoch, not max_epoch - W). With ``schedule_unit: iteration`` the
     same holds per step (CLIP-LoRA: no warm-up, cosine over the iterations). Tested epoch by epoch
-    against PyTorch's own schedulers wrapped as Dassl does."""
+    against PyTorch's own schedulers wrapped as Dassl does. A change to what this returns bumps
+    :data:`benchmark.config.SCHEDULE_REVISION` (the config hash of the runs it changes)."""
     if tc.schedule_unit == "epoch":
         t, T, warm = step // spe, max(1, math.ceil(total / spe)), tc.warmup_epochs
     elif tc.schedule_unit == "iteration":
@@ -308,14 +309,24 @@ class Engine:
         has already checked the config's ranges)."""
         device = resolve_device(cfg.device)
         autocast_for(device, cfg.train.amp)
+        rng = _get_rng()  # building seeds the generators: leave them as they were
+        try:
+            self._build(cfg, device)
+        finally:
+            _set_rng(rng)
+
+    def _build(self, cfg: RunConfig, device: torch.device) -> Tuple[OSSLSplit, CLIPBackbone, Method]:
+        """The run's split, backbone and method (seeded, on ``device``), for :meth:`preflight` and
+        :meth:`_run` alike."""
         method_cls = METHODS.get(cfg.method)
         plugin = self.dataset(cfg.dataset, cfg)
         split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir, cfg.eval.split)
         backbone = self.backbone_for(method_cls, cfg.backbone, device)
+        backbone.short_text = cfg.train.short_text  # before the method: some encode text at build
         ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
                             dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)
-        with torch.random.fork_rng(devices=[]):
-            method_cls(cfg.params, backbone, ctx)
+        seed_everything(cfg.seed)
+        return split, backbone, method_cls(cfg.params, backbone, ctx).to(device)
 
     def _archive(self, d: Path) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -336,15 +347,7 @@ class Engine:
         cfg = with_loader_workers(cfg, device)  # data.num_workers: null -> what the machine has
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        method_cls = METHODS.get(cfg.method)
-        plugin = self.dataset(cfg.dataset, cfg)
-        split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir, cfg.eval.split)
-        backbone = self.backbone_for(method_cls, cfg.backbone, device)
-        backbone.short_text = cfg.train.short_text  # before the method: some encode text at build
-        ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
-                            dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)
-        seed_everything(cfg.seed)
-        method: Method = method_cls(cfg.params, backbone, ctx).to(device)
+        split, backbone, method = self._build(cfg, device)
         backbone.set_compiled(cfg.train.compile)  # after the method: LoRA edits the blocks first
         views = build_transforms(backbone.preprocess_cfg, cfg.data)
         self._setup(cfg, method, split, views, device, autocast)

@@ -131,3 +131,45 @@ def test_engine_trains_each_epoch_at_dassls_lr(tmp_path):
     want = dassl_sequence(0.05, epochs, 1, 0.001)
     for r in recs:
         assert r["lr"] == pytest.approx(want[(r["step"] - 1) // spe], rel=1e-9)
+
+
+def _revision1_hash(cfg) -> str:
+    """The config hash of a trained method's run on the test split as it was before the schedule
+    fix, written out from the config tree: the hashed fields, the default split left out."""
+    from benchmark.config import hashable_dict
+    from benchmark.data import sha256_json
+
+    tree = hashable_dict(cfg)
+    assert tree["eval"].pop("split") == "test"
+    return sha256_json(tree)[:16]
+
+
+def _finished(results, cfg, chash) -> None:
+    """A finished run's files as the tables read them, recorded with the config hash ``chash``."""
+    import numpy as np
+
+    d = run_dir(results, cfg)
+    d.mkdir(parents=True)
+    np.savez(d / "predictions.npz", test_logits=np.zeros((1, 3)))
+    (d / "result.json").write_text(json.dumps({
+        "metrics": {"acc": 0.0}, "config_hash": chash, "split_hash": "s", "cost": {}, "method": cfg.method,
+        "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed}))
+
+
+def test_runs_of_the_first_warm_up_schedule_are_stale_runs_it_did_not_change_are_not(tmp_path):
+    """The fix changed the learning rates of a cosine after a warm-up only: a run recorded with the
+    hash of that time is stale there, and complete without a warm-up or with a constant schedule."""
+    from benchmark.config import _hash_tree
+    from benchmark.experiment import build_grid, load_experiment
+
+    warm = toy_cfg("coop", seed=1, sets=["train.warmup_epochs=1", "train.scheduler=cosine"])
+    none = toy_cfg("coop", seed=2, sets=["train.warmup_epochs=0", "train.scheduler=cosine"])
+    const = toy_cfg("coop", seed=3, sets=["train.warmup_epochs=1", "train.scheduler=constant"])
+    for cfg in (warm, none, const):
+        _finished(tmp_path, cfg, _revision1_hash(cfg))
+    eng = Engine(tmp_path)
+    assert eng.status(warm) == "stale"
+    assert eng.status(none) == "complete" and eng.status(const) == "complete"
+    # the embedded world trains without warm-up: none of its hashes carries the revision
+    runs = build_grid(load_experiment("embedded")).runs
+    assert runs and all("schedule_revision" not in _hash_tree(c).get("train", {}) for c in runs)
