@@ -25,7 +25,7 @@ def differences(a, b):
 def test_each_rung_differs_from_its_neighbour_in_exactly_one_setting():
     exp = load_experiment("cfsg_ladder")
     rungs = [m for m in exp["methods"] if m in exp["variants"]]
-    assert len(rungs) == 5
+    assert len(rungs) >= 5  # a last rung r5 (CFSG-CLIP's own lr) when its preset lr is not CoOp's
     grid = build_grid(exp, datasets=["synth_cub"], seeds=[1])
     by_label = {c.label: c for c in grid.runs}
     for upper, lower in zip(rungs, rungs[1:]):
