@@ -85,7 +85,9 @@ def test_openai_format_equals_load_openai_model(tmp_path, openai_sd, fmt):
     ref_img, ref_txt = _reference(tmp_path / "ViT-tiny.pt", x, texts) if fmt != "safetensors" else (None, None)
     if fmt == "safetensors":  # load_openai_model reads .pt only: compare with the same weights as .pt
         ref_img, ref_txt = _reference(_write(openai_sd, tmp_path / "same.pt", "pt"), x, texts)
-    torch.testing.assert_close(img, ref_img, rtol=0, atol=0)
+    # same weights, same operations; on some CPUs (AMD EPYC here) the two model builds pick kernels that
+    # round differently (largest difference 6e-7), so compare to float32 rounding, not bit for bit
+    torch.testing.assert_close(img, ref_img, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(txt, ref_txt, rtol=1e-5, atol=1e-5)  # short text tower: fp32 rounding
     # the comparison can fail: the same weights with GELU give other features
     gelu = open_clip.create_model(TINY, pretrained=None)
