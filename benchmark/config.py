@@ -112,7 +112,7 @@ class DataConfig:
     # loader worker processes; null [default]: 0 on CPU, min(8, CPUs this process may use) on CUDA
     num_workers: Optional[int] = field(default=None, metadata=NOHASH)
     # [default] 0 = off. N > 0: methods whose training step reads only the frozen image tower
-    # (Method.frozen_train_outputs: CoOp, LoCoOp, CLIP-Adapter's augmented mode; and the generic SSL
+    # (Method.frozen_train_outputs: CoOp, LoCoOp, CLIP-Adapter's augmented mode, Tip-Adapter-F; and the generic SSL
     # loop's no-grad weak pass for frozen-encoder methods) train on N fixed augmented views per image,
     # encoded once and shared by every method and seed of a grid, instead of a fresh augmentation at
     # every step: faster, but a different augmentation stream from the official recipes

@@ -431,7 +431,8 @@ class Engine:
         tc, sc = cfg.train, cfg.ssl
         generic_ssl = sc.enabled and not method.uses_unlabeled
         want_u = method.uses_unlabeled or generic_ssl
-        n_l, n_u = len(split.labeled_idx), len(split.unlabeled_idx)
+        n_l, n_u = len(split.labeled_idx), len(split.unlabeled_idx)  # the budget: the whole labeled set
+        lab_idx = labeled_train_idx(cfg, method, split)  # the images that fill the labeled batches
         if tc.epoch_over == "labeled":
             spe = StepBatches.steps_per_epoch(n_l, tc.batch_size)
         elif tc.epoch_over == "unlabeled":
@@ -466,13 +467,13 @@ class Engine:
                 self.log(f"  resuming from step {start}/{total}")
         pin = device.type == "cuda"
         # data.cached_views: the frozen weak-view passes served from cached augmented views
-        serve_l = self._view_cache(cfg, split, views, device, autocast, split.labeled_idx, tc.batch_size,
+        serve_l = self._view_cache(cfg, split, views, device, autocast, lab_idx, tc.batch_size,
                                    "labeled", tuple(method.frozen_train_outputs))
         serve_u = self._view_cache(cfg, split, views, device, autocast, split.unlabeled_idx,
                                    sc.unlabeled_batch_size, "unlabeled",
                                    ("pooled",) if generic_ssl and method.frozen_image_encoder else ())
         lab_views = {v: views[v] for v in method.labeled_views if not (serve_l and v == "weak")}
-        lab = iter(stream_loader(split.train, split.labeled_idx, lab_views, tc.batch_size, cfg.seed,
+        lab = iter(stream_loader(split.train, lab_idx, lab_views, tc.batch_size, cfg.seed,
                                  "labeled", start, total, cfg.data.num_workers, pin))
         unl = None
         if want_u:
@@ -641,6 +642,23 @@ class Engine:
 
     def _metrics(self, cfg, preds: dict, K: int):
         return metrics_from_predictions(preds, K, cfg.eval.known_score, cfg.eval.id_recall)
+
+
+def labeled_train_idx(cfg: RunConfig, method: Method, split: OSSLSplit) -> np.ndarray:
+    """Positions in ``split.train`` of the labeled images the training stream draws from: the
+    labeled set, or the rows of it that the method names (:meth:`Method.labeled_train_rows`). The
+    run's length stays counted on the whole labeled set (the budget rule: the same steps and
+    labeled images per step as every method); the stream passes over these rows epoch after epoch."""
+    rows = method.labeled_train_rows()
+    if rows is None:
+        return split.labeled_idx
+    rows = torch.as_tensor(rows).cpu().numpy()
+    n = len(split.labeled_idx)
+    if rows.ndim != 1 or not len(rows) or rows.dtype.kind not in "iu" or len(np.unique(rows)) != len(rows) \
+            or rows.min() < 0 or rows.max() >= n:
+        raise BenchmarkError(f"{cfg.method}.labeled_train_rows() must give distinct integer rows of the "
+                             f"labeled set in [0, {n}), at least one; got {rows.tolist()}")
+    return split.labeled_idx[rows]
 
 
 def make_batch(lab: ViewBatch, unl: Optional[ViewBatch], split: OSSLSplit, device) -> Batch:

@@ -50,11 +50,6 @@ def read_json(path: Path, keys: Tuple[str, ...] = ()) -> Tuple[Optional[dict], O
     return data, None
 
 
-def check_json(path: Path, keys: Tuple[str, ...] = ()) -> Optional[str]:
-    """Why ``path`` is not a usable JSON object (None when it is)."""
-    return read_json(path, keys)[1]
-
-
 def check_zip(path: Path) -> Optional[str]:
     """Why ``path`` is not an intact zip archive (``.npz``, torch checkpoints); None when it is."""
     try:

@@ -14,6 +14,7 @@ never calls ``optimizer.step()`` and never writes files. What it implements:
   features, never labels). A method may create parameters here (e.g. a cache of labeled features);
 * ``training_step(batch, state) -> StepOutput`` (if ``trains``): a differentiable loss and logs;
   ``batch.ids`` / ``batch.u_ids`` are the sample ids of the images;
+* optionally ``labeled_train_rows()``: the labeled rows the training stream draws from (default all);
 * optionally ``after_train()``: called once after the last training step (right after ``setup`` for
   a method that does not train), before the learned state is saved and the method is evaluated;
 * ``predict(images) -> Prediction``: closed-set logits over the K known classes and named
@@ -29,7 +30,7 @@ gets no optimiser, no training loop and no checkpoint; its learned state, if any
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -186,6 +187,14 @@ class Method(nn.Module):
         """Optional: boolean masks ``[B, P]`` of the image patches the method selects, by name; the
         engine saves them for a few test images and the report draws them over the images."""
         return {}
+
+    def labeled_train_rows(self) -> Optional[Sequence[int]]:
+        """Optional, read after ``setup``: the rows of the labeled set (positions in the
+        :class:`LabeledSet`'s order) that the labeled training stream draws from; None (the default)
+        = every labeled image. A method that keeps labeled images out of training (a hold-out for its
+        own model selection) names the others, so that its batches hold only images it trains on; the
+        number of steps is still counted on the whole labeled set (one budget for every method)."""
+        return None
 
     def param_groups(self) -> List[Dict[str, Any]]:
         """Optimizer parameter groups (default: every trainable parameter in one group)."""

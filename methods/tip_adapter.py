@@ -61,7 +61,6 @@ class TipAdapter(Method):
         self.keys_all = F.normalize(feats.float(), dim=-1)
         self.values_all = F.one_hot(labeled.labels, self.ctx.num_classes).float()
         self.val_rows = holdout(labeled.labels, self.cfg.val_fraction, self.ctx.seed).to(feats.device)
-        self.val_ids = {labeled.ids[i] for i in self.val_rows.tolist()}
         self.val_features = F.normalize(labeled.features[self.val_rows].float(), dim=-1)
         self.val_labels = labeled.labels[self.val_rows]
         keep = torch.ones(len(labeled.ids), dtype=torch.bool, device=feats.device)  # rows not held out

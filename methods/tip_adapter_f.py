@@ -2,12 +2,11 @@
 Keys initialised from the cache, trained with cross-entropy on augmented labeled views at the initial
 alpha/beta (AdamW, eps 1e-4), then alpha/beta searched with the trained keys. The official script keeps
 the epoch of best *test* accuracy; we keep the last and search on held-out labeled images, which never
-join the cache nor the loss (``val_fraction``, our choice)."""
+join the cache nor the training batches (``val_fraction``, our choice)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -28,6 +27,7 @@ class TipAdapterF(TipAdapter):
     param_ranges = {**TipAdapter.param_ranges, "eps": "(0, inf)"}  # declared ranges (benchmark/checks.py)
     trains = True
     labeled_views = ("weak",)
+    frozen_train_outputs = ("pooled",)  # the step reads the frozen image tower only (Method.frozen_image)
     learned_buffers = ("cache_values", "alpha", "beta")  # cache_keys is a trained parameter
 
     def install_cache(self) -> None:
@@ -39,12 +39,11 @@ class TipAdapterF(TipAdapter):
     def param_groups(self):
         return [{"params": [self.cache_keys], "eps": self.cfg.eps}]
 
+    def labeled_train_rows(self):
+        return self.fit_rows  # the held-out rows never reach a training batch
+
     def training_step(self, batch, state) -> StepOutput:
-        keep = [i for i, sid in enumerate(batch.ids) if sid not in self.val_ids]
-        if not keep:  # a batch of held-out images only: nothing to learn from
-            return StepOutput(loss=self.cache_keys.sum() * 0.0)
-        with torch.no_grad():
-            f = F.normalize(self.backbone.encode_image(batch.x["weak"][keep]).pooled.float(), dim=-1)
-        logits, y = self.logits(f, self.cache_keys, self.cache_values, self.alpha, self.beta), batch.y[keep]
-        return StepOutput(loss=F.cross_entropy(logits, y),
-                          logs={"acc": float((logits.argmax(-1) == y).float().mean())})
+        f = F.normalize(self.frozen_image(batch).pooled.float(), dim=-1)
+        logits = self.logits(f, self.cache_keys, self.cache_values, self.alpha, self.beta)
+        return StepOutput(loss=F.cross_entropy(logits, batch.y),
+                          logs={"acc": float((logits.argmax(-1) == batch.y).float().mean())})

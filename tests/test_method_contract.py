@@ -222,3 +222,24 @@ def test_a_plugin_added_under_the_plugin_path_never_changes_the_default_grid(tmp
     assert got["registered"] and got["runs"] == here  # same runs, same order
     assert got["named"] == ["extra_zero_shot", "zsclip"]  # it runs when named
     assert "extra_zero_shot" in got["all"]  # and `methods: all` means every registered method
+
+
+def test_labeled_train_rows_select_the_stream_and_bad_rows_fail_clearly():
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pytest
+
+    from benchmark.engine import labeled_train_idx
+    from benchmark.errors import BenchmarkError
+
+    split, cfg = SimpleNamespace(labeled_idx=np.array([5, 7, 9, 11])), SimpleNamespace(method="m")
+
+    def rows(r):
+        return SimpleNamespace(labeled_train_rows=lambda: r)
+
+    assert labeled_train_idx(cfg, rows(None), split) is split.labeled_idx
+    assert labeled_train_idx(cfg, rows(torch.tensor([0, 3])), split).tolist() == [5, 11]
+    for bad in ([], [0, 0], [4], [-1], [0.5]):
+        with pytest.raises(BenchmarkError, match=r"m.labeled_train_rows\(\) must give distinct integer rows"):
+            labeled_train_idx(cfg, rows(bad), split)

@@ -99,9 +99,9 @@ def test_engine_runs_at_any_batch_size(tmp_path, bs):
     sets = [f"train.batch_size={bs}", "params.augment_epochs=2", "params.search_step=[10,5]"]
     cfg = toy_cfg("tip_adapter_f", shots=5, sets=sets + ["train.epochs=2"])
     r = eng.run(cfg)
-    assert r["cost"]["steps"] == 2 * (15 // bs if 15 >= bs else 1)
     learned = torch.load(run_dir(tmp_path, cfg) / "learned.pt")
     assert learned["cache_keys"].shape[0] == learned["cache_values"].shape[0] == 12  # 15 - 3 held out
+    assert r["cost"]["steps"] == 2 * (15 // bs if 15 >= bs else 1)  # counted on the whole labeled set
     free = toy_cfg("tip_adapter", shots=5, sets=sets + ["params.augment_epochs=0"])
     eng.run(free)
     d = run_dir(tmp_path, free)
@@ -113,6 +113,37 @@ def test_engine_runs_at_any_batch_size(tmp_path, bs):
         feats = bb.encode_image(torch.stack([tf(split.train.image(int(i))) for i in split.labeled_idx])).pooled
     keys = torch.load(d / "learned.pt")["cache_keys"]
     torch.testing.assert_close(keys, F.normalize(feats, dim=-1), rtol=1e-5, atol=1e-5)  # manifest order
+
+
+@pytest.mark.parametrize("cached_views", [0, 2])
+def test_f_trains_on_full_batches_of_its_fit_rows_only(tmp_path, monkeypatch, cached_views):
+    """Tip-Adapter-F's labeled stream holds only the rows outside its hold-out: every batch is full,
+    each pass over the stream holds every fit row once, no held-out image is ever loaded or encoded,
+    and the steps are those of the whole labeled set (15 // 4 = 3 per epoch, 2 epochs); with
+    data.cached_views its frozen features are served by the engine (no weak images are loaded)."""
+    cls, seen = METHODS.get("tip_adapter_f"), []
+    real = cls.training_step
+
+    def recording(self, batch, state):
+        seen.append((self, list(batch.ids), sorted(batch.x)))
+        return real(self, batch, state)
+
+    monkeypatch.setattr(cls, "training_step", recording)
+    sets = ["train.batch_size=4", "train.epochs=2", "params.augment_epochs=0", "params.search_step=[4,2]",
+            f"data.cached_views={cached_views}"]
+    cfg = toy_cfg("tip_adapter_f", shots=5, sets=sets)
+    Engine(tmp_path).run(cfg)
+    method = seen[0][0]
+    split = load_or_create(Engine(tmp_path).dataset("toy", cfg), 5, 1, tmp_path)
+    labeled_ids = [split.train.ids[i] for i in split.labeled_idx]
+    held_out = {labeled_ids[i] for i in method.val_rows.tolist()}
+    fit = sorted(set(labeled_ids) - held_out)
+    assert len(held_out) == 3 and len(fit) == 12
+    batches = [ids for _, ids, _ in seen]
+    assert len(batches) == 2 * 3 and all(len(b) == 4 for b in batches)  # = 2 passes over the 12 fit rows
+    for epoch in (batches[:3], batches[3:]):
+        assert sorted(i for b in epoch for i in b) == fit
+    assert all(views == ([] if cached_views else ["weak"]) for _, _, views in seen)
 
 
 def test_run_all_runs_both_at_an_odd_batch_size(tmp_path, capsys):
