@@ -176,9 +176,14 @@ def _body(fam: str, draw: ImageDraw.ImageDraw, S: float, o: float, fill) -> Tupl
 
 
 def render(family: str, combo: Combo, rng: np.random.Generator, difficulty: float = 1.0,
-           cast: Tuple[float, float, float] = (1.0, 1.0, 1.0), marker_scale: float = MARKER_SCALE) -> np.ndarray:
+           cast: Tuple[float, float, float] = (1.0, 1.0, 1.0), marker_scale: float = MARKER_SCALE,
+           with_masks: bool = False):
     """One RGB uint8 image [SIZE, SIZE, 3] of ``combo`` with random nuisances. ``cast``: a per-channel
-    gain (the benchmark datasets' "camera", a domain shift from the pretraining images)."""
+    gain (the benchmark datasets' "camera", a domain shift from the pretraining images).
+
+    ``with_masks``: also return the object's and its marked part's coverage of each pixel (float
+    [SIZE, SIZE] in [0, 1], the box-downsampled alpha of the drawn layers): ``(image, object, part)``.
+    The image is the same either way (the masks draw no random numbers)."""
     fam = FAMILIES[family]
     c, m, p = combo
     base = np.array(fam.colours[c][1], float)
@@ -221,14 +226,29 @@ def render(family: str, combo: Combo, rng: np.random.Generator, difficulty: floa
         mask = layer.split()[3]
         layer.paste(pat, (0, 0), Image.composite(pat, Image.new("RGBA", pat.size), mask).split()[3])
     _shape(ld, fam.part_shape, o + mx * S, o + my * S, S * marker_scale, MARKER_COLOURS[m][1] + (255,))
+    part = None
+    if with_masks:
+        part = Image.new("L", (CANVAS, CANVAS), 0)
+        _shape(ImageDraw.Draw(part), fam.part_shape, o + mx * S, o + my * S, S * marker_scale, 255)
     if rng.random() < 0.5:
         layer = layer.transpose(Image.FLIP_LEFT_RIGHT)
-    layer = layer.rotate(float(rng.uniform(-35, 35)), resample=Image.BICUBIC)
+        part = part.transpose(Image.FLIP_LEFT_RIGHT) if part is not None else None
+    angle = float(rng.uniform(-35, 35))
+    layer = layer.rotate(angle, resample=Image.BICUBIC)
     shift = tuple(int(v) for v in rng.uniform(-0.16, 0.16, 2) * CANVAS)
     img.paste(layer, shift, layer)
     out = np.asarray(img.resize((SIZE, SIZE), Image.BOX), dtype=np.float32)
     out = out * np.asarray(cast, np.float32) * rng.uniform(0.8, 1.15) + rng.normal(0, 7 * difficulty, out.shape)
-    return np.clip(out, 0, 255).astype(np.uint8)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if not with_masks:
+        return out
+
+    def placed(alpha: Image.Image) -> np.ndarray:
+        canvas = Image.new("L", (CANVAS, CANVAS), 0)
+        canvas.paste(alpha, shift)
+        return np.asarray(canvas.resize((SIZE, SIZE), Image.BOX), dtype=np.float32) / 255.0
+
+    return out, placed(layer.split()[3]), placed(part.rotate(angle, resample=Image.BICUBIC))
 
 
 # the random stream of each benchmark split (train and test keep the streams they always had)
@@ -251,6 +271,23 @@ def dataset_arrays(family: str, split: str, per_class: int, n_known: int = 12,
     labels = np.repeat(np.arange(len(classes)), per_class)
     imgs = np.stack([render(family, classes[y], rng, difficulty, cast, marker_scale) for y in labels])
     return imgs, labels
+
+
+def dataset_masks(family: str, split: str, per_class: int, n_known: int = 12,
+                  seed: int = 0, difficulty: float = 1.0,
+                  cast: Tuple[float, float, float] = (1.0, 1.0, 1.0),
+                  marker_scale: float = MARKER_SCALE) -> Tuple[np.ndarray, np.ndarray]:
+    """The object and marked-part coverage masks [N, SIZE, SIZE] (float in [0, 1]) of the images of
+    :func:`dataset_arrays` with the same arguments, image for image (the same random stream rendered
+    again with ``with_masks``). For probes (scripts/probe_patch_alignment.py); no dataset reads them."""
+    classes = benchmark_classes(family, n_known, seed)
+    if split not in SPLIT_STREAMS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_STREAMS)}, got {split!r}")
+    rng = np.random.default_rng([seed, list(FAMILIES).index(family), SPLIT_STREAMS[split]])
+    labels = np.repeat(np.arange(len(classes)), per_class)
+    drawn = [render(family, classes[y], rng, difficulty, cast, marker_scale, with_masks=True)[1:]
+             for y in labels]
+    return np.stack([d[0] for d in drawn]), np.stack([d[1] for d in drawn])
 
 
 def captions(family: str, combo: Combo, rng: np.random.Generator) -> str:

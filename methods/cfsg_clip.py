@@ -12,11 +12,20 @@ through layers D+1..T. The fine global feature z~_f is the token's final state (
 pass's CLS (``fine_global: cls``, the other reading of the ambiguous equation); the same filtering
 on the fine pass's patches with the fine prompts t_f gives z_f.
 
+The patch features the filtering module ranks and pools are the final layer's patch tokens
+through ln_post and proj (``patch_features: final``, the SPEC's reading) or the value-path patch
+features of MaskCLIP and LoCoOp (``patch_features: value``: the last block's value projection,
+out_proj, residual and MLP without the query-key attention, then ln_post and proj; the backbone's
+``value_local``, shared with LoCoOp). Real CLIP's final-layer patch tokens are known to highlight
+the background rather than the object (CLIP Surgery's "opposite visualization"), the value path
+to localise (MaskCLIP); the paper's Figure 5 shows object parts selected.
+
 Training (dual branch): CE on the four heads p~_c, p_c, p~_f, p_f = softmax(sim(., t)/tau) (tau =
 1 / the backbone's logit scale unless set) for labeled images; for unlabeled images, hard
 pseudo-labels from the weak view (no gradient), a FixMatch confidence mask F, and CE on the strong
 view, weighted by lambda_c (coarse heads) and lambda_f (fine heads). Inference fuses the four
-heads (default: mean of the four probability vectors).
+heads (``fusion``: the mean of the four probability vectors, of the two global heads' only, or one
+head).
 
 Every value the paper does not publish is a config default (SPEC section 6, tagged [default]).
 """
@@ -37,6 +46,9 @@ from ._prompts import detached, param_versions
 from ._text_prompts import ContextPrompts
 
 HEADS = ("coarse_global", "coarse_local", "fine_global", "fine_local")
+# inference fusions besides one head: the mean probability of every active head, of the global ones
+FUSIONS = ("mean_prob", "mean_global")
+PATCH_FEATURES = ("final", "value")
 
 
 def backbone_tau(backbone) -> float:
@@ -69,8 +81,14 @@ class CFSGConfig:
     # softmax temperature of the patch weights w_ci = softmax(sim(z_ci, z~_c) / T); the paper's
     # equation has T = 1
     weight_temperature: float = 1.0
-    # inference fusion: "mean_prob" (mean of the four probability vectors) [default] or one head
+    # inference fusion: "mean_prob" (mean of the four probability vectors), "mean_global" (mean of
+    # the two global heads' probabilities, coarse and fine) or one head's name (configs/methods/cfsg_clip.yaml
+    # says which is the default and why)
     fusion: str = "mean_prob"
+    # the patch features of the filtering module (both branches): "final" (final-layer patch tokens
+    # through ln_post + proj) or "value" (MaskCLIP/LoCoOp value path of the last block, then
+    # ln_post + proj); the YAML says which is the default and why
+    patch_features: str = "final"
     # ablation switches
     fine_branch: bool = True  # False: coarse branch only
     filtering: bool = True  # False: no filtering, CLS features only (the local heads are dropped)
@@ -97,8 +115,11 @@ class CFSGCLIP(Method):
             raise ValueError(f"cfsg_clip.fine_global must be 'token' or 'cls', got {cfg.fine_global!r}")
         if cfg.mask_source not in ("per_head", "coarse_global"):
             raise ValueError(f"cfsg_clip.mask_source must be per_head or coarse_global, got {cfg.mask_source!r}")
-        if cfg.fusion != "mean_prob" and cfg.fusion not in HEADS:
-            raise ValueError(f"cfsg_clip.fusion must be mean_prob or one of {HEADS}, got {cfg.fusion!r}")
+        if cfg.fusion not in FUSIONS + HEADS:
+            raise ValueError(f"cfsg_clip.fusion must be one of {FUSIONS + HEADS}, got {cfg.fusion!r}")
+        if cfg.patch_features not in PATCH_FEATURES:
+            raise ValueError(f"cfsg_clip.patch_features must be one of {PATCH_FEATURES}, "
+                             f"got {cfg.patch_features!r}")
         if not 1 <= cfg.depth <= backbone.vision_layers:
             raise ValueError(f"cfsg_clip.depth={cfg.depth} must lie in [1, {backbone.vision_layers}] "
                              f"(the image tower has {backbone.vision_layers} layers)")
@@ -118,7 +139,7 @@ class CFSGCLIP(Method):
         self.uses_unlabeled = cfg.lambda_c > 0 or cfg.lambda_f > 0
         self.heads = tuple(h for h in HEADS if (cfg.fine_branch or not h.startswith("fine"))
                            and (cfg.filtering or not h.endswith("local")))
-        if cfg.fusion != "mean_prob" and cfg.fusion not in self.heads:
+        if cfg.fusion not in FUSIONS and cfg.fusion not in self.heads:
             raise ValueError(f"cfsg_clip.fusion={cfg.fusion!r} is switched off by the ablation flags")
         self._eval_text: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
         self._step_text = None  # (parameter versions, this step's text features): see text_features
@@ -163,6 +184,14 @@ class CFSGCLIP(Method):
         cosines by, so the logits are bit for bit on their scale) unless ``tau`` is set."""
         return self.backbone.logit_scale.detach() if self.cfg.tau is None else 1.0 / self.cfg.tau
 
+    def _encode(self, images: torch.Tensor, **kw):
+        """One image-tower pass; ``(output, patch features)``: the patch features of the filtering
+        module (``patch_features``), None without filtering."""
+        final = self.cfg.filtering and self.cfg.patch_features == "final"
+        value = self.cfg.filtering and self.cfg.patch_features == "value"
+        out = self.backbone.encode_image(images, return_patches=final, return_value_local=value, **kw)
+        return out, (out.patches if final else out.value_local)
+
     def _logits(self, feat: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.head_scale() * (F.normalize(feat, dim=-1) @ text.t())
 
@@ -172,14 +201,13 @@ class CFSGCLIP(Method):
         images); None = the coarse global prediction (unlabeled and test images)."""
         cfg = self.cfg
         t_c, t_f = self.text_features()
-        bb = self.backbone
         out: Dict[str, torch.Tensor] = {}
-        coarse = bb.encode_image(images, return_patches=cfg.filtering)
+        coarse, coarse_patches = self._encode(images)
         out["coarse_global"] = self._logits(coarse.pooled, t_c)
         if guide is None:
             guide = out["coarse_global"].argmax(-1)
         if cfg.filtering:
-            z_c, idx, _ = self.semantic_filter(coarse.pooled, coarse.patches, t_c, guide, cfg.top_k,
+            z_c, idx, _ = self.semantic_filter(coarse.pooled, coarse_patches, t_c, guide, cfg.top_k,
                                                cfg.weight_temperature)
             out["coarse_local"] = self._logits(z_c, t_c)
             if keep_selection:
@@ -189,12 +217,12 @@ class CFSGCLIP(Method):
         if cfg.fine_branch:
             tok = self.inject(z_c.to(self.inject.weight.dtype)).unsqueeze(1)  # [B, 1, width]
             deep = [None] + [tok] * (cfg.depth - 1)  # re-inserted at layers 1..D, free after D
-            fine = bb.encode_image(images, prompts=tok, deep_prompts=deep,
-                                   return_patches=cfg.filtering, return_prompts=cfg.fine_global == "token")
+            fine, fine_patches = self._encode(images, prompts=tok, deep_prompts=deep,
+                                              return_prompts=cfg.fine_global == "token")
             zf_global = fine.prompts[:, 0] if cfg.fine_global == "token" else fine.pooled
             out["fine_global"] = self._logits(zf_global, t_f)
             if cfg.filtering:
-                z_f, idx_f, _ = self.semantic_filter(fine.pooled, fine.patches, t_f, guide, cfg.top_k,
+                z_f, idx_f, _ = self.semantic_filter(fine.pooled, fine_patches, t_f, guide, cfg.top_k,
                                                      cfg.weight_temperature)
                 out["fine_local"] = self._logits(z_f, t_f)
                 if keep_selection:
@@ -232,8 +260,9 @@ class CFSGCLIP(Method):
     # -- inference ----------------------------------------------------------------------------
     def fuse(self, heads: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Fused class probabilities [B, K]."""
-        if self.cfg.fusion == "mean_prob":
-            return torch.stack([heads[h].float().softmax(-1) for h in self.heads]).mean(0)
+        if self.cfg.fusion in FUSIONS:
+            used = [h for h in self.heads if self.cfg.fusion == "mean_prob" or h.endswith("global")]
+            return torch.stack([heads[h].float().softmax(-1) for h in used]).mean(0)
         return heads[self.cfg.fusion].float().softmax(-1)
 
     def predict(self, images: torch.Tensor) -> Prediction:

@@ -217,3 +217,62 @@ def test_tau_is_0_01_on_openai_format_weights(tmp_path):
     torch.save(sd, tmp_path / "other.pt")
     other = make(CLIPBackbone.load(BackboneConfig(model=TINY, pretrained=str(tmp_path / "other.pt"))), depth=1, top_k=1)
     assert other.tau == pytest.approx(0.02, rel=1e-6)
+
+
+def test_value_path_patch_features_are_the_last_blocks_value_path_by_hand(micro_backbone):
+    """patch_features=value: the filtering module ranks and pools the last block's value path
+    (W_v ln_1(x) + b_v, out_proj, residual, MLP; no query-key attention), through ln_post and proj,
+    computed here from the block weights."""
+    images = torch.randn(2, 3, 32, 32)
+    v = micro_backbone.model.visual
+    with torch.no_grad():
+        m = make(micro_backbone, patch_features="value", fine_branch=False).eval()
+        t_c, _ = m.text_features()
+        x = v._embeds(images)
+        blocks = v.transformer.resblocks
+        for blk in blocks[:-1]:
+            x = blk(x)
+        last, W = blocks[-1], x.shape[-1]
+        val = F.linear(last.ln_1(x), last.attn.in_proj_weight[2 * W:], last.attn.in_proj_bias[2 * W:])
+        y = x + F.linear(val, last.attn.out_proj.weight, last.attn.out_proj.bias)
+        y = y + last.mlp(last.ln_2(y))
+        value_patches = v.ln_post(y[:, 1:]) @ v.proj
+        final_patches = v.ln_post(blk_all(blocks, v._embeds(images))[:, 1:]) @ v.proj
+        pooled = micro_backbone.model.encode_image(images)
+        guide = (F.normalize(pooled, dim=-1) @ t_c.t()).argmax(-1)
+        heads = m.forward_heads(images)
+        for patches, same in ((value_patches, True), (final_patches, False)):
+            z, _, _ = CFSG.semantic_filter(pooled, patches, t_c, guide, 4)
+            ref = micro_backbone.logit_scale * F.normalize(z, dim=-1) @ t_c.t()
+            assert torch.allclose(heads["coarse_local"], ref, atol=1e-5) == same
+        # the fine pass reads the value path too (its own patches, changed by the injected token)
+        both = make(micro_backbone, patch_features="value").eval()
+        sel = both.forward_heads(images, keep_selection=True)
+        final = make(micro_backbone).eval().forward_heads(images, keep_selection=True)
+        assert not torch.allclose(sel["fine_local"], final["fine_local"])
+    with pytest.raises(ValueError, match="patch_features"):
+        make(micro_backbone, patch_features="middle")
+
+
+def blk_all(blocks, x):
+    for blk in blocks:
+        x = blk(x)
+    return x
+
+
+def test_fusion_mean_global_and_one_head_are_the_hand_computed_means(micro_backbone):
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        m = make(micro_backbone, fusion="mean_global").eval()
+        heads = m.forward_heads(images)
+        p = {h: torch.exp(heads[h]) / torch.exp(heads[h]).sum(-1, keepdim=True) for h in heads}
+        torch.testing.assert_close(m.predict(images).logits.exp(), (p["coarse_global"] + p["fine_global"]) / 2)
+        one = make(micro_backbone, fusion="fine_local").eval()
+        torch.testing.assert_close(one.predict(images).logits.exp(), p["fine_local"])
+        four = make(micro_backbone).eval()
+        torch.testing.assert_close(four.predict(images).logits.exp(), sum(p.values()) / 4)
+        # without the fine branch, the global heads are the coarse global head alone
+        coarse = make(micro_backbone, fusion="mean_global", fine_branch=False).eval()
+        torch.testing.assert_close(coarse.predict(images).logits.exp(), p["coarse_global"])
+    with pytest.raises(ValueError, match="fusion"):
+        make(micro_backbone, fusion="mean_logits")

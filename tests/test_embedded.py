@@ -104,3 +104,37 @@ def test_tiny_clip_reads_every_attribute():
     spec.loader.exec_module(mod)
     r = mod.attribute_probe(datasets=("synth_cub",))["synth_cub"]
     assert min(r.values()) >= 45, r
+
+
+def test_render_masks_cover_exactly_what_the_object_and_its_part_change():
+    """render(with_masks=True) gives the same image, and its masks are where the pixels change when
+    only the body colour (object mask) or only the marker colour (part mask) changes, with the same
+    random stream (so position, rotation, background and noise are the same)."""
+    for family in W.FAMILIES:
+        for seed in (3, 4):
+            img = W.render(family, (0, 0, 0), np.random.default_rng(seed))
+            same, obj, part = W.render(family, (0, 0, 0), np.random.default_rng(seed), with_masks=True)
+            assert np.array_equal(img, same)
+            body = W.render(family, (2, 0, 0), np.random.default_rng(seed)).astype(int)
+            marker = W.render(family, (0, 1, 0), np.random.default_rng(seed)).astype(int)
+            changed_body = np.abs(body - img.astype(int)).max(-1) > 30
+            changed_marker = np.abs(marker - img.astype(int)).max(-1) > 30
+            assert changed_body.sum() > 50 and changed_marker.sum() > 5
+            # changed pixels lie on the mask (edges: partial coverage) and the mask's interior changed
+            assert (obj[changed_body] > 0).mean() > 0.98
+            assert (part[changed_marker] > 0).mean() > 0.98
+            assert changed_marker[part > 0.99].mean() > 0.9
+            assert 0.05 < obj.mean() < 0.8 and part.sum() < obj.sum()
+
+
+def test_dataset_masks_follow_dataset_arrays_image_for_image():
+    kw = dict(n_known=2, seed=0, difficulty=3.0, cast=(1.2, 0.95, 0.75))
+    imgs, labels = W.dataset_arrays("dogs", "val", 2, **kw)
+    obj, part = W.dataset_masks("dogs", "val", 2, **kw)
+    assert obj.shape == part.shape == imgs.shape[:3]
+    rng = np.random.default_rng([0, list(W.FAMILIES).index("dogs"), W.SPLIT_STREAMS["val"]])
+    classes = W.benchmark_classes("dogs", 2, 0)
+    for i, y in enumerate(labels):
+        img, o, p = W.render("dogs", classes[y], rng, 3.0, (1.2, 0.95, 0.75), with_masks=True)
+        assert np.array_equal(img, imgs[i]) and np.array_equal(o, obj[i]) and np.array_equal(p, part[i])
+    assert not np.array_equal(obj[0], obj[1])
