@@ -649,11 +649,21 @@ class CLIPBackbone(nn.Module):
             if deep_prompts is not None and j >= 1 and j < len(deep_prompts) and deep_prompts[j] is not None:
                 p = deep_prompts[j]
                 x = self._replace(x, p, at(p.shape[-2]))
-            if batch_first:
+            if self.sdpa_blocks and _plain_block(blk):
+                x = _sdpa_block(blk, x, attn_mask)
+            elif batch_first:
                 x = blk(x, attn_mask=attn_mask)
             else:  # open_clip models built with batch_first=False
                 x = blk(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
         return x
+
+    #: run open_clip's plain residual blocks as one packed q/k/v projection and
+    #: ``F.scaled_dot_product_attention`` on the batch-first tokens (``train.sdpa_blocks``) instead of
+    #: through ``nn.MultiheadAttention`` (whose general path transposes the tokens to sequence-first
+    #: and back, and whose no-grad fast path is a different kernel): the same function, equal up to
+    #: float rounding; False (here; the engine sets it from the run's config, on by default) calls
+    #: the blocks themselves (bit-identical to open_clip)
+    sdpa_blocks: bool = False
 
     # -- torch.compile ------------------------------------------------------------------------
     def set_compiled(self, on: bool, backend: str = "inductor") -> None:
@@ -693,3 +703,36 @@ class CLIPBackbone(nn.Module):
         if tower in ("text", "both"):
             out += [("text", i, b.attn) for i, b in enumerate(self.model.transformer.resblocks)]
         return out
+
+
+def _plain_block(blk: nn.Module) -> bool:
+    """Whether ``blk`` is open_clip's plain ``ResidualAttentionBlock`` (self-attention through a
+    packed ``nn.MultiheadAttention`` without extra biases or dropout), not compiled and without
+    hooks: the blocks :func:`_sdpa_block` computes. A LoRA-wrapped attention, a compiled or hooked
+    block, or any other block type runs its own forward."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    attn = getattr(blk, "attn", None)
+    return (type(blk) is ResidualAttentionBlock and type(attn) is nn.MultiheadAttention
+            and getattr(blk, "_compiled_call_impl", None) is None and not hasattr(blk, "ln_1_kv")
+            and not (blk._forward_hooks or blk._forward_pre_hooks or attn._forward_hooks
+                     or attn._forward_pre_hooks)
+            and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+            and not attn.dropout)
+
+
+def _sdpa_block(blk: nn.Module, x: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+    """open_clip's ``ResidualAttentionBlock.forward`` on batch-first tokens ``[B, L, W]``:
+    ``x + ls_1(attn(ln_1(x)))`` then ``x + ls_2(mlp(ln_2(x)))``, the attention as one packed q/k/v
+    projection, ``F.scaled_dot_product_attention`` per head (with the block's additive mask) and the
+    output projection, which is what ``nn.MultiheadAttention`` computes."""
+    attn: nn.MultiheadAttention = blk.attn
+    B, L, W = x.shape
+    H = attn.num_heads
+    qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(B, L, 3, H, W // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D] each
+    mask = attn_mask.to(q.dtype) if attn_mask is not None else None
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    o = F.linear(o.transpose(1, 2).reshape(B, L, W), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + blk.ls_1(o)
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))

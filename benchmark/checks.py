@@ -73,6 +73,7 @@ RANGES: Dict[str, str] = {
     "eval.batch_size": "[1, inf)",
     "eval.id_recall": "(0, 1]",  # a fraction of the labeled ID images kept as known
     "eval.explain_images": "[0, inf)",
+    "eval.memo_mb": "[0, inf)",  # 0: off
     "data.crop_scale": "(0, 1]",  # RandomResizedCrop's area fractions (each)
     "data.randaugment_n": "[0, inf)",
     "data.randaugment_m": "[0, 30]",  # torchvision's RandAugment has 31 magnitude bins

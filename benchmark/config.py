@@ -71,6 +71,11 @@ class TrainConfig:
     # all context positions as open_clip's encode_text does (bit-identical to it). Not hashed, except
     # for methods with random draws in the text tower (Method.random_text_tower: CLIP-LoRA's dropout)
     short_text: bool = field(default=True, metadata=NOHASH)
+    # [default] compute open_clip's plain residual blocks with one packed q/k/v projection and
+    # F.scaled_dot_product_attention on the batch-first tokens (a speed option: the same function,
+    # equal up to float rounding; see CLIPBackbone.sdpa_blocks); false calls each block's own
+    # forward through nn.MultiheadAttention (bit-identical to open_clip). Not hashed
+    sdpa_blocks: bool = field(default=True, metadata=NOHASH)
     checkpoint_every: int = field(default=100, metadata=NOHASH)  # steps between checkpoints
     checkpoint_every_s: float = field(default=60.0, metadata=NOHASH)  # or seconds, whichever first
     log_every: int = field(default=25, metadata=NOHASH)
@@ -100,6 +105,11 @@ class EvalConfig:
     split: str = "test"
     # test images whose selected patches are saved (methods with patch_selection) for the figure
     explain_images: int = field(default=6, metadata=NOHASH)
+    # [default] evaluation images (the test transform, which draws nothing at random) of methods that
+    # run the image tower at evaluation are kept in memory after their first use, up to this many MB
+    # per process, and served to the next run on the same dataset bit for bit (a speed option); 0 = off:
+    # every run loads and transforms its evaluation images again. Not hashed
+    memo_mb: int = field(default=2048, metadata=NOHASH)
 
 
 @dataclass
@@ -117,6 +127,10 @@ class DataConfig:
     # encoded once and shared by every method and seed of a grid, instead of a fresh augmentation at
     # every step: faster, but a different augmentation stream from the official recipes
     cached_views: int = 0
+    # [default] a view's ToTensor + Normalize (the last two steps of every transform the suite builds)
+    # run once per batch in the loader's collation instead of once per image (a speed option: the
+    # same element-wise float operations, so the same numbers bit for bit); false: per image. Not hashed
+    batch_normalize: bool = field(default=True, metadata=NOHASH)
 
 
 @dataclass

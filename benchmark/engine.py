@@ -38,7 +38,7 @@ from .errors import BenchmarkError, ConfigError, ResultExistsError, RunLockedErr
 from .checks import check_config
 from .integrity import heal_run, inspect_run, load_checkpoint, read_run, trim_log
 from .io import atomic_savez, atomic_torch_save, atomic_write_json
-from .loader import (FeatureCache, StepBatches, ViewBatch, ViewFeatureCache, build_transforms, encode_augmented,
+from .loader import (EvalImageMemo, FeatureCache, StepBatches, ViewBatch, ViewFeatureCache, build_transforms, encode_augmented,
                      eval_loader, stream_loader, with_loader_workers)
 from .method import Batch, LabeledSet, Method, MethodContext, Prediction, StepState, UnlabeledPool
 from .metrics import compute_all
@@ -222,6 +222,7 @@ class Engine:
         self._datasets: Dict[tuple, object] = {}
         self.features = FeatureCache(self.results_dir / "cache" / "features")
         self.view_features = ViewFeatureCache(self.results_dir / "cache" / "views")  # data.cached_views
+        self.eval_memo: Optional[EvalImageMemo] = None  # eval.memo_mb: evaluation images in memory
 
     # -- shared resources ---------------------------------------------------------------------
     def backbone(self, bcfg: BackboneConfig, device: torch.device) -> CLIPBackbone:
@@ -322,7 +323,9 @@ class Engine:
         plugin = self.dataset(cfg.dataset, cfg)
         split = load_or_create(plugin, cfg.shots, cfg.seed, self.results_dir, cfg.eval.split)
         backbone = self.backbone_for(method_cls, cfg.backbone, device)
-        backbone.short_text = cfg.train.short_text  # before the method: some encode text at build
+        for bb in {id(backbone): backbone, 0: self.backbone(cfg.backbone, device)}.values():
+            bb.short_text = cfg.train.short_text  # before the method: some encode text at build
+            bb.sdpa_blocks = cfg.train.sdpa_blocks  # the shared one too: it encodes cached features
         ctx = MethodContext(classnames=split.id_classnames, template=plugin.template,
                             dataset=cfg.dataset, shots=cfg.shots, seed=cfg.seed)
         seed_everything(cfg.seed)
@@ -473,14 +476,15 @@ class Engine:
                                    sc.unlabeled_batch_size, "unlabeled",
                                    ("pooled",) if generic_ssl and method.frozen_image_encoder else ())
         lab_views = {v: views[v] for v in method.labeled_views if not (serve_l and v == "weak")}
+        bn = cfg.data.batch_normalize
         lab = iter(stream_loader(split.train, lab_idx, lab_views, tc.batch_size, cfg.seed,
-                                 "labeled", start, total, cfg.data.num_workers, pin))
+                                 "labeled", start, total, cfg.data.num_workers, pin, bn))
         unl = None
         if want_u:
             u_views = {v: views[v] for v in (("weak", "strong") if generic_ssl else method.unlabeled_views)
                        if not (serve_u and v == "weak")}
             unl = iter(stream_loader(split.train, split.unlabeled_idx, u_views, sc.unlabeled_batch_size,
-                                     cfg.seed, "unlabeled", start, total, cfg.data.num_workers, pin))
+                                     cfg.seed, "unlabeled", start, total, cfg.data.num_workers, pin, bn))
         crash_after = int(os.environ.get(CRASH_ENV, "-1"))
         method.train()
         last_ck_t, last_ck_step = time.time(), start
@@ -598,10 +602,9 @@ class Engine:
                     with autocast():
                         preds.append(method.predict_features(feats[i:i + ec.batch_size].to(device)))
             else:
-                for b in eval_loader(s, idx, views["test"], ec.batch_size, cfg.data.num_workers,
-                                     device.type == "cuda"):
+                for x in self._eval_images(cfg, name, s, idx, views["test"], device):
                     with autocast():
-                        preds.append(method.predict(b["test"].to(device)))
+                        preds.append(method.predict(x.to(device)))
             logits = torch.cat([p.logits.float().cpu() for p in preds]).numpy()
             if logits.shape[1] != split.K:
                 raise BenchmarkError(f"{cfg.method}.predict returned {logits.shape[1]} logits per image; "
@@ -614,6 +617,22 @@ class Engine:
         out["labeled_y"] = split.labeled_y
         out["num_known"] = np.array(split.K)
         return out
+
+    def _eval_images(self, cfg, which: str, split, idx, transform, device):
+        """Batches of evaluation images ``split[idx]`` through the test transform: from the loader,
+        or (``eval.memo_mb`` > 0) through the engine's in-memory memo of them, the same tensors."""
+        ec = cfg.eval
+        pin = device.type == "cuda"
+        bn = cfg.data.batch_normalize
+        if not ec.memo_mb:
+            return (b["test"] for b in eval_loader(split, idx, transform, ec.batch_size, cfg.data.num_workers,
+                                                   pin, bn))
+        if self.eval_memo is None or self.eval_memo.budget != ec.memo_mb * 2 ** 20:
+            self.eval_memo = EvalImageMemo(ec.memo_mb)
+        key = json.dumps([cfg.dataset, cfg.data.root, cfg.data.options, which,
+                          ec.split if which == "test" else "train", split.fingerprint(),
+                          getattr(split, "variant", ""), repr(transform)], sort_keys=True, default=str)
+        return self.eval_memo.batches(key, split, idx, transform, ec.batch_size, cfg.data.num_workers, pin, bn)
 
     @torch.no_grad()
     def _save_patch_selection(self, cfg, method, backbone, split, views, device, autocast, d) -> None:

@@ -18,7 +18,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as torchvision_F
 
 from .data import Split
 from .io import atomic_torch_save
@@ -69,13 +71,36 @@ class ViewBatch:
         return ViewBatch({k: v.pin_memory() for k, v in self.views.items()}, self.index.pin_memory())
 
 
+class Unnormalised:
+    """A view's image as uint8 ``[C, H, W]`` with the ``ToTensor`` + ``Normalize(mean, std)`` of its
+    transform still to apply: :func:`_collate` applies them to the whole batch at once
+    (``data.batch_normalize``), the same element-wise float operations, so the same numbers."""
+
+    __slots__ = ("pixels", "mean", "std")
+
+    def __init__(self, pixels: torch.Tensor, mean, std):
+        self.pixels, self.mean, self.std = pixels, mean, std
+
+
+def _normalise_tail(transform: Callable):
+    """``(head, to_tensor, normalize)`` when ``transform`` is a ``Compose`` ending in ``ToTensor()``
+    and ``Normalize`` (what :func:`build_transforms` makes), else None."""
+    ts = getattr(transform, "transforms", None)
+    if (isinstance(transform, T.Compose) and ts and len(ts) >= 2 and type(ts[-2]) is T.ToTensor
+            and type(ts[-1]) is T.Normalize and not ts[-1].inplace):
+        return T.Compose(ts[:-2]), ts[-2], ts[-1]
+    return None
+
+
 class ViewDataset(Dataset):
     """Items are ``(index, aug_seed)`` pairs; returns ``({view: tensor}, index)`` for the requested
-    views."""
+    views. ``batch_normalize``: views whose transform ends in ``ToTensor`` + ``Normalize`` come as
+    :class:`Unnormalised` uint8 images, normalised by :func:`_collate` for the whole batch."""
 
-    def __init__(self, split: Split, views: Dict[str, Callable]):
+    def __init__(self, split: Split, views: Dict[str, Callable], batch_normalize: bool = False):
         self.split = split
         self.views = views
+        self.tails = {k: _normalise_tail(t) if batch_normalize else None for k, t in views.items()}
 
     def __len__(self) -> int:
         return len(self.split)
@@ -89,8 +114,18 @@ class ViewDataset(Dataset):
             # the CPU generator only (what the transforms draw from): torch.manual_seed would also
             # queue a CUDA reseed with a stack trace per call (slow, and not restored by fork_rng)
             torch.default_generator.manual_seed(seed)
-            out = {name: t(img) for name, t in self.views.items()}
+            out = {name: self._view(name, t, img) for name, t in self.views.items()}
         return out, int(idx)
+
+    def _view(self, name: str, t: Callable, img):
+        tail = self.tails.get(name)
+        if tail is None:
+            return t(img)
+        head, to_tensor, norm = tail
+        pic = head(img)
+        if not (isinstance(pic, Image.Image) and pic.mode == "RGB"):
+            return norm(to_tensor(pic))  # the transform's own tail (what t(img) computes)
+        return Unnormalised(torchvision_F.pil_to_tensor(pic), norm.mean, norm.std)
 
 
 class StepBatches:
@@ -126,31 +161,94 @@ class StepBatches:
 
 
 def _collate(items: List[Tuple[Dict[str, torch.Tensor], int]]) -> ViewBatch:
-    views = {k: torch.stack([v[k] for v, _ in items]) for k in items[0][0]}
+    views = {k: _stack([v[k] for v, _ in items]) for k in items[0][0]}
     return ViewBatch(views, torch.tensor([i for _, i in items], dtype=torch.int64))
+
+
+def _stack(xs: List) -> torch.Tensor:
+    """Stack a view's images; :class:`Unnormalised` ones get torchvision's ``to_tensor`` (float,
+    / 255) and ``normalize`` (``sub_(mean).div_(std)``) once for the batch: element-wise the same
+    operations, so each image equals its transform's own output bit for bit."""
+    if not any(isinstance(x, Unnormalised) for x in xs):
+        return torch.stack(xs)
+    if not all(isinstance(x, Unnormalised) and x.mean == xs[0].mean and x.std == xs[0].std for x in xs):
+        xs = [_finish(x) for x in xs]
+        return torch.stack(xs)
+    x = torch.stack([u.pixels for u in xs]).contiguous().to(dtype=torch.get_default_dtype()).div(255)
+    return _normalise(x, xs[0].mean, xs[0].std, batch=True)
+
+
+def _normalise(x: torch.Tensor, mean, std, batch: bool = False) -> torch.Tensor:
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
+    if (std == 0).any():
+        raise ValueError(f"std evaluated to zero after conversion to {x.dtype}, leading to division by zero.")
+    shape = (1, -1, 1, 1) if batch else (-1, 1, 1)
+    return x.sub_(mean.view(shape)).div_(std.view(shape))
+
+
+def _finish(x):
+    if not isinstance(x, Unnormalised):
+        return x
+    return _normalise(x.pixels.contiguous().to(dtype=torch.get_default_dtype()).div(255), x.mean, x.std)
 
 
 def stream_loader(split: Split, indices: np.ndarray, views: Dict[str, Callable], batch_size: int,
                   seed: int, stream: str, start: int, stop: int, num_workers: int = 0,
-                  pin_memory: bool = False) -> DataLoader:
-    return DataLoader(ViewDataset(split, views),
+                  pin_memory: bool = False, batch_normalize: bool = False) -> DataLoader:
+    return DataLoader(ViewDataset(split, views, batch_normalize),
                       batch_sampler=StepBatches(indices, batch_size, seed, stream, start, stop),
                       collate_fn=_collate, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False)
 
 
 def items_loader(split: Split, views: Dict[str, Callable], items: Sequence[Tuple[int, int]], batch_size: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                 num_workers: int = 0, pin_memory: bool = False, batch_normalize: bool = False) -> DataLoader:
     """The ``(position in split, augmentation seed)`` items in order, ``batch_size`` at a time."""
     batches = [list(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
-    return DataLoader(ViewDataset(split, views), batch_sampler=batches, collate_fn=_collate,
+    return DataLoader(ViewDataset(split, views, batch_normalize), batch_sampler=batches, collate_fn=_collate,
                       num_workers=num_workers, pin_memory=pin_memory)
 
 
 def eval_loader(split: Split, indices: np.ndarray, transform: Callable, batch_size: int,
-                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                num_workers: int = 0, pin_memory: bool = False, batch_normalize: bool = False) -> DataLoader:
     return items_loader(split, {"test": transform}, [(int(i), 0) for i in indices], batch_size, num_workers,
-                        pin_memory)
+                        pin_memory, batch_normalize)
+
+
+class EvalImageMemo:
+    """Evaluation images (the test transform, deterministic) kept in memory after their first use
+    (``eval.memo_mb``), so the next run on the same dataset gets the same tensors without loading
+    and transforming its images again. Keyed by the caller's description of the split (dataset,
+    options, which split, its content fingerprint) and the transform; entries are added while the
+    memo holds less than its budget, then batches are assembled from what is memoised plus freshly
+    loaded images. A batch is the same tensor :func:`eval_loader` yields, bit for bit."""
+
+    def __init__(self, budget_mb: float):
+        self.budget = float(budget_mb) * 2 ** 20
+        self.used = 0
+        self._images: Dict[str, Dict[int, torch.Tensor]] = {}
+
+    def batches(self, key: str, split: Split, indices: Sequence[int], transform: Callable, batch_size: int,
+                num_workers: int = 0, pin_memory: bool = False,
+                batch_normalize: bool = False) -> Iterator[torch.Tensor]:
+        entry = self._images.setdefault(key, {})
+        idx = [int(i) for i in indices]
+        todo = [i for i in dict.fromkeys(idx) if i not in entry]
+        fresh: Dict[int, torch.Tensor] = {}
+        if todo:
+            for b in eval_loader(split, np.asarray(todo), transform, batch_size, num_workers, pin_memory,
+                                 batch_normalize):
+                for i, x in zip(b.index.tolist(), b["test"]):
+                    fresh[i] = x
+            for i in todo:
+                size = fresh[i].numel() * fresh[i].element_size()
+                if self.used + size > self.budget:
+                    break
+                entry[i] = fresh[i]
+                self.used += size
+        for s in range(0, len(idx), batch_size):
+            yield torch.stack([entry[i] if i in entry else fresh[i] for i in idx[s:s + batch_size]])
 
 
 @torch.no_grad()
@@ -181,6 +279,12 @@ def encode_augmented(backbone, split: Split, indices: np.ndarray, transform: Cal
     return torch.stack(out) if out else torch.zeros(0, len(indices), backbone.embed_dim)
 
 
+def _tower_tag(backbone) -> str:
+    """Part of a feature-cache key: features computed through ``sdpa_blocks`` (equal up to float
+    rounding) are kept apart from the blocks' own forward, whose keys stay as they always were."""
+    return "|sdpa_blocks" if getattr(backbone, "sdpa_blocks", False) else ""
+
+
 class FeatureCache:
     """Frozen CLIP image features (eval transform) of a dataset split, on disk.
 
@@ -199,7 +303,7 @@ class FeatureCache:
 
     def get(self, backbone, dataset: str, split: Split, transform: Callable, batch_size: int,
             device, autocast, num_workers: int = 0) -> torch.Tensor:
-        key = self.key(backbone.identity, dataset, split, repr(transform))
+        key = self.key(backbone.identity, dataset, split, repr(transform) + _tower_tag(backbone))
         path = self.folder / f"{dataset}-{key}.pt"
         if path.exists():
             try:
@@ -272,7 +376,7 @@ class ViewFeatureCache:
         return sample_seed(ViewFeatureCache.STREAM, view, zlib.crc32(sample_id.encode()))
 
     def _entry(self, backbone, dataset: str, split: Split, transform: Callable, views: int):
-        key = FeatureCache.key(backbone.identity, dataset, split, f"{transform!r}|views={views}")
+        key = FeatureCache.key(backbone.identity, dataset, split, f"{transform!r}{_tower_tag(backbone)}|views={views}")
         if key not in self._entries:
             path = self.folder / f"{dataset}-views{views}-{key}.pt"
             entry: Dict[str, Dict[str, torch.Tensor]] = {}

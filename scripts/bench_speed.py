@@ -5,6 +5,7 @@ fraction of the accelerator's peak matrix throughput reached (MFU).
     python scripts/bench_speed.py --data-root /data --dataset cub            # GPU, ViT-B/16 (default)
     python scripts/bench_speed.py --backbone ViT-L-14-quickgelu --compare     # + the unoptimised path
     python scripts/bench_speed.py --backbone embedded --device cpu --batch-size 4 --compare
+    python scripts/bench_speed.py --profile --datasets synth_cub --seeds 1   # where a grid's time goes
 
 Each method is driven through the engine's public pieces (the resolved run config of
 ``benchmark.config.resolve``, ``Engine.backbone/dataset``, ``protocol.load_or_create``,
@@ -123,6 +124,7 @@ def bench_method(engine, cfg, opt: dict, args, log) -> dict:
     data_setup_s = time.time() - t0
     backbone = engine.backbone_for(method_cls, cfg.backbone, device)
     backbone.short_text = cfg.train.short_text
+    backbone.sdpa_blocks = cfg.train.sdpa_blocks
     ctx = MethodContext(classnames=split.id_classnames, template=plugin.template, dataset=cfg.dataset,
                         shots=cfg.shots, seed=cfg.seed)
     if cuda:
@@ -359,6 +361,11 @@ def main(argv=None) -> int:
         from bench_step import main as compare_step
 
         return compare_step([a for a in argv if a != "--compare-step"])
+    if "--profile" in argv:  # where a grid's wall time goes, per method (scripts/bench_profile.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_profile import main as profile
+
+        return profile([a for a in argv if a != "--profile"])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None, help="comma-separated (default: every method of the default grid)")
@@ -382,6 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--amp", default=None, help="train.amp of the optimised path (default: the config's, auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone blocks in the optimised path")
     p.add_argument("--compare", action="store_true", help="also run the unoptimised path and print ratios")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where a grid's wall time goes per method (scripts/bench_profile.py --help)")
     p.add_argument("--compare-step", action="store_true",
                    help="instead: each speed option on/off step for step (scripts/bench_step.py --help)")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU peak (TFLOP/s)")

@@ -24,6 +24,8 @@ The speed options (config keys, see the README):
 
 * ``short_text`` (``train.short_text``, on by default): the text tower runs up to the batch's
   last EOT position instead of the full context length;
+* ``sdpa_blocks`` (``train.sdpa_blocks``, on by default): open_clip's residual blocks run as one
+  packed q/k/v projection and ``F.scaled_dot_product_attention`` instead of ``nn.MultiheadAttention``;
 * ``view_cache`` (``data.cached_views``, off by default): frozen image-tower outputs of the training
   views are served from a cache instead of being recomputed (measured here on a cache hit, the
   steady state once every cached view has been encoded).
@@ -68,6 +70,7 @@ class Variant:
 
     def activate(self) -> None:
         self.backbone.short_text = self.options.get("short_text", False)
+        self.backbone.sdpa_blocks = self.options.get("sdpa_blocks", False)
 
 
 def main(argv=None) -> int:
@@ -82,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
-    p.add_argument("--options", default="short_text,view_cache,all")
+    p.add_argument("--options", default="short_text,sdpa_blocks,view_cache,all")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None)
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         cls = METHODS.get(name)
         cfg = resolve(cls, dataset, 16, 1, experiment, [f"train.batch_size={args.batch_size}"])
-        applies = {"short_text": True, "view_cache": False}
+        applies = {"short_text": True, "sdpa_blocks": True, "view_cache": False}
         if cls.frozen_train_outputs and not cls.modifies_backbone:  # the instance decides (config)
             applies["view_cache"] = bool(cls(copy.deepcopy(cfg.params), backbone, ctx).frozen_train_outputs)
         for opt_name in option_names:
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
                 if len(single) == 1 and single[0] in option_names:
                     continue  # "all" equals the single option already measured
             elif opt_name not in applies:
-                raise SystemExit(f"unknown speed option {opt_name!r}; known: short_text, view_cache, all")
+                raise SystemExit(f"unknown speed option {opt_name!r}; known: {', '.join(applies)}, all")
             else:
                 on = {opt_name: applies[opt_name]}
             if not any(on.values()):
@@ -157,6 +160,7 @@ def bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, a
     for label, opts in (("off", {}), ("on", on)):
         bb = copy.deepcopy(backbone) if cls.modifies_backbone else backbone
         bb.short_text = opts.get("short_text", False)
+        bb.sdpa_blocks = opts.get("sdpa_blocks", False)
         torch.manual_seed(1)
         method = cls(copy.deepcopy(cfg.params), bb, ctx).to(images.device)
         with torch.no_grad():  # the engine's setup: labeled ids, labels, frozen test-view features

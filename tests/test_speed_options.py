@@ -189,3 +189,140 @@ def test_no_grad_pass_of_a_step_reuses_its_text_features(micro_backbone, method,
         m.train()  # clears every memo
         t_ref = m.text_features()[0] if method == "cfsg_clip" else m.class_text()
     assert torch.equal(t_after, t_ref)
+
+
+# -- train.sdpa_blocks: the residual blocks through F.scaled_dot_product_attention -------------------
+def test_sdpa_blocks_equal_the_blocks_own_forward_within_rounding(micro_backbone):
+    """Image tower with shallow and deep prompts and patches, text tower with its causal mask and
+    deep prompts: outputs and the gradients reaching the prompts agree with open_clip's blocks
+    (nn.MultiheadAttention) within fp32 rounding, in grad and no-grad passes; with the option off the
+    outputs are open_clip's bit for bit."""
+    import benchmark.backbone as B
+
+    bb = micro_backbone
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    p = torch.randn(2, bb.vision_width, generator=g).requires_grad_(True)
+    deep_v = [None] + [torch.randn(2, bb.vision_width, generator=g).requires_grad_(True)
+                       for _ in range(bb.vision_layers - 1)]
+    tokens = bb.tokenize(["x x red finch.", "x x bird with a very long name indeed."])
+    emb = bb.token_embedding(tokens).detach().requires_grad_(True)
+    deep_t = [None] + [torch.randn(2, bb.text_width, generator=g).requires_grad_(True)
+                       for _ in range(bb.text_layers - 1)]
+    calls = []
+    real = B._sdpa_block
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    def run(on):
+        bb.sdpa_blocks = on
+        try:
+            img = bb.encode_image(images, prompts=p, deep_prompts=deep_v, return_patches=True, return_prompts=True)
+            txt = bb.encode_text_embeddings(emb, tokens, deep_prompts=deep_t)
+            loss = img.pooled.square().sum() + img.patches.mean() + img.prompts.sum() + txt.square().sum()
+            grads = torch.autograd.grad(loss, [p, emb] + deep_v[1:] + deep_t[1:])
+            with torch.no_grad():
+                frozen = bb.encode_image(images).pooled
+        finally:
+            bb.sdpa_blocks = False
+        return [img.pooled, img.patches, img.prompts, txt, frozen], grads
+
+    B._sdpa_block = counting
+    try:
+        off, g_off = run(False)
+        assert not calls
+        on, g_on = run(True)
+        assert len(calls) == 2 * bb.vision_layers + bb.text_layers  # two image passes, one text
+    finally:
+        B._sdpa_block = real
+    for a, b in zip(on, off):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_on, g_off):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # off: open_clip's own forward, bit for bit
+        assert torch.equal(bb.encode_image(images).pooled, bb.model.encode_image(images))
+
+
+def test_sdpa_blocks_leave_lora_and_hooked_blocks_to_their_own_forward(micro_backbone):
+    """Only open_clip's plain blocks take the sdpa path: a LoRA-wrapped attention (its own forward
+    with the adapters) and a block with hooks (tools that watch the blocks) run as they are."""
+    import copy
+    import importlib
+
+    import benchmark.backbone as B
+
+    METHODS.get("clip_lora")  # loads the plugins (and their helpers)
+    lora = importlib.import_module("ossl_methods._lora")
+    bb = copy.deepcopy(micro_backbone)
+    blocks = bb.model.visual.transformer.resblocks
+    assert all(B._plain_block(b) for b in blocks)
+    lora.apply_lora(bb, "vision", "0", ["q", "v"], 2, 1.0, 0.0)
+    assert not B._plain_block(blocks[0]) and B._plain_block(blocks[1])
+    h = blocks[1].register_forward_pre_hook(lambda mod, args: None)
+    assert not B._plain_block(blocks[1])
+    h.remove()
+    assert B._plain_block(blocks[1])
+
+
+# -- eval.memo_mb: evaluation images kept in memory ---------------------------------------------
+def test_eval_memo_serves_the_loaders_tensors_and_off_uses_the_loader(tmp_path, monkeypatch):
+    """The memo's batches are the loader's bit for bit; a second run on the same dataset loads no
+    evaluation image again; with the budget exhausted it still serves every image; eval.memo_mb=0
+    goes through the loader; predictions of a run with every speed option off equal those of the
+    suite's blocks and loaders (the sdpa path never called)."""
+    import benchmark.backbone as B
+    from benchmark.loader import EvalImageMemo, eval_loader
+
+    depth = ["maple.params.prompt_depth=2"]
+    cfg = toy_cfg("maple", shots=2, sets=depth)
+    engine = Engine(tmp_path, log=lambda s: None)
+    split = load_or_create(engine.dataset("toy", cfg), cfg.shots, cfg.seed, tmp_path)
+    views = build_transforms(engine.backbone(cfg.backbone, torch.device("cpu")).preprocess_cfg, cfg.data)
+    idx = split.test_idx[:11]
+    ref = [b["test"] for b in eval_loader(split.test, idx, views["test"], 4)]
+    for budget in (100, 0.05):  # 0.05 MB: room for a few images only
+        memo = EvalImageMemo(budget)
+        for _ in range(2):
+            got = list(memo.batches("k", split.test, idx, views["test"], 4))
+            assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
+        assert memo.used <= budget * 2 ** 20
+    calls = []
+    real = ViewDataset.__getitem__
+    monkeypatch.setattr(ViewDataset, "__getitem__", lambda self, item: calls.append(item) or real(self, item))
+    engine.run(cfg)
+    first = len(calls)
+    engine.run(toy_cfg("maple", shots=2, seed=2, sets=depth))
+    n_train = len(calls) - first  # the second run's training images only (the test images are memoised)
+    assert 0 < n_train and first > n_train
+    # every option off: the loader and the blocks' own forward (sdpa never runs)
+    monkeypatch.setattr(B, "_sdpa_block", lambda *a: (_ for _ in ()).throw(AssertionError("sdpa path used")))
+    off = Engine(tmp_path / "off", log=lambda s: None)
+    res = off.run(toy_cfg("maple", shots=2, sets=depth + ["train.sdpa_blocks=false", "eval.memo_mb=0",
+                                                  "train.short_text=false"]))
+    assert off.eval_memo is None and res["metrics"]
+
+
+# -- data.batch_normalize: ToTensor + Normalize once per batch ----------------------------------
+def test_batch_normalize_gives_the_per_image_tensors_bit_for_bit(tmp_path):
+    """Weak, strong (RandAugment) and test views of a loader batch, normalised in the collation,
+    equal the per-image transforms' outputs bit for bit (same seeds, same crops)."""
+    from benchmark.loader import stream_loader
+
+    cfg = toy_cfg("coop", shots=4)
+    engine = Engine(tmp_path, log=lambda s: None)
+    split = load_or_create(engine.dataset("toy", cfg), cfg.shots, cfg.seed, tmp_path)
+    views = build_transforms(engine.backbone(cfg.backbone, torch.device("cpu")).preprocess_cfg, cfg.data)
+    got = {}
+    for bn in (False, True):
+        loader = stream_loader(split.train, split.labeled_idx, views, 5, 1, "labeled", 0, 3, 0, False, bn)
+        got[bn] = [b.views for b in loader]
+    for a, b in zip(got[False], got[True]):
+        assert set(a) == {"weak", "strong", "test"}
+        for k in a:
+            assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k])
+    ds = ViewDataset(split.train, {"weak": views["weak"]}, batch_normalize=True)
+    item = ds[(int(split.labeled_idx[0]), 7)][0]["weak"]
+    assert item.pixels.dtype == torch.uint8  # normalised later, in the collation
