@@ -203,7 +203,20 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="also write the per-run records here")
     p.add_argument("--results-dir", default=None, help="default: a fresh temporary folder")
+    p.add_argument("--from-json", default=None, help="only print the table of a --json file's runs")
+    p.add_argument("--runs", default=None, help="with --from-json: keep only the runs of these seeds "
+                   "(e.g. 1 or 1,2), to compare a slice of a full grid's profile with a profile of the slice")
     args, rest = p.parse_known_args(argv)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        recs = data["runs"]
+        if args.runs:
+            keep = {int(x) for x in args.runs.split(",")}
+            recs = [r for r in recs if r["seed"] in keep]
+        print(f"profile of {args.from_json} ({' '.join(data.get('argv', [])) or 'the default grid'}"
+              f"{', seeds ' + args.runs if args.runs else ''}):")
+        print(table(recs))
+        return 0
     import torch
 
     from benchmark.cli import main as run_all
