@@ -198,12 +198,46 @@ def table(records: List[dict]) -> str:
     return "\n".join(lines)
 
 
+GROUPS = [("load + setup", ("load", "setup")), ("train: data", ("train/data",)),
+          ("train: text tower", ("train/text",)), ("train: image tower", ("train/image",)),
+          ("train: backward", ("train/backward",)),
+          ("train: loss, optimiser, rest", ("train/loss", "train/optim", "train/other")),
+          ("eval: data", ("eval/data",)), ("eval: towers, heads, metrics", ("eval/text", "eval/image", "eval/rest")),
+          ("write + other", ("write", "other"))]
+
+
+def markdown(records: List[dict]) -> str:
+    """The table as Markdown, parts grouped (README): seconds per run, and the grid's shares."""
+    by = defaultdict(list)
+    for r in records:
+        by[r["method"]].append(r)
+    lines = ["| method | s/run | " + " | ".join(g for g, _ in GROUPS) + " |",
+             "|---|---:|" + "---:|" * len(GROUPS)]
+    grand = defaultdict(float)
+    for m, rs in by.items():
+        n = len(rs)
+        sums = defaultdict(float)
+        for r in rs:
+            for k, v in r["parts"].items():
+                sums[k] += v
+                grand[k] += v
+            grand["_total"] += r["total"]
+        lines.append(f"| {m} | {sum(r['total'] for r in rs) / n:.2f} | "
+                     + " | ".join(f"{sum(sums[k] for k in ks) / n:.2f}" for _, ks in GROUPS) + " |")
+    tot = grand["_total"]
+    lines.append(f"| all runs (s, share) | {tot:.0f} | " + " | ".join(
+        f"{sum(grand[k] for k in ks):.0f} ({100 * sum(grand[k] for k in ks) / max(tot, 1e-9):.0f} %)"
+        for _, ks in GROUPS) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, help="also write the per-run records here")
     p.add_argument("--results-dir", default=None, help="default: a fresh temporary folder")
     p.add_argument("--from-json", default=None, help="only print the table of a --json file's runs")
+    p.add_argument("--markdown", action="store_true", help="with --from-json: a Markdown table, parts grouped")
     p.add_argument("--runs", default=None, help="with --from-json: keep only the runs of these seeds "
                    "(e.g. 1 or 1,2), to compare a slice of a full grid's profile with a profile of the slice")
     args, rest = p.parse_known_args(argv)
@@ -215,7 +249,7 @@ def main(argv=None) -> int:
             recs = [r for r in recs if r["seed"] in keep]
         print(f"profile of {args.from_json} ({' '.join(data.get('argv', [])) or 'the default grid'}"
               f"{', seeds ' + args.runs if args.runs else ''}):")
-        print(table(recs))
+        print(markdown(recs) if args.markdown else table(recs))
         return 0
     import torch
 
