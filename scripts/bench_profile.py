@@ -238,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=None, help="default: a fresh temporary folder")
     p.add_argument("--from-json", default=None, help="only print the table of a --json file's runs")
     p.add_argument("--markdown", action="store_true", help="with --from-json: a Markdown table, parts grouped")
+    p.add_argument("--only-datasets", default=None, help="with --from-json: keep only these datasets' runs")
     p.add_argument("--runs", default=None, help="with --from-json: keep only the runs of these seeds "
                    "(e.g. 1 or 1,2), to compare a slice of a full grid's profile with a profile of the slice")
     args, rest = p.parse_known_args(argv)
@@ -247,8 +248,11 @@ def main(argv=None) -> int:
         if args.runs:
             keep = {int(x) for x in args.runs.split(",")}
             recs = [r for r in recs if r["seed"] in keep]
+        if args.only_datasets:
+            recs = [r for r in recs if r["dataset"] in args.only_datasets.split(",")]
         print(f"profile of {args.from_json} ({' '.join(data.get('argv', [])) or 'the default grid'}"
-              f"{', seeds ' + args.runs if args.runs else ''}):")
+              f"{', seeds ' + args.runs if args.runs else ''}"
+              f"{', datasets ' + args.only_datasets if args.only_datasets else ''}):")
         print(markdown(recs) if args.markdown else table(recs))
         return 0
     import torch
