@@ -175,22 +175,14 @@ def _stack(xs: List) -> torch.Tensor:
         xs = [_finish(x) for x in xs]
         return torch.stack(xs)
     x = torch.stack([u.pixels for u in xs]).contiguous().to(dtype=torch.get_default_dtype()).div(255)
-    return _normalise(x, xs[0].mean, xs[0].std, batch=True)
-
-
-def _normalise(x: torch.Tensor, mean, std, batch: bool = False) -> torch.Tensor:
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device)
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
-    if (std == 0).any():
-        raise ValueError(f"std evaluated to zero after conversion to {x.dtype}, leading to division by zero.")
-    shape = (1, -1, 1, 1) if batch else (-1, 1, 1)
-    return x.sub_(mean.view(shape)).div_(std.view(shape))
+    return torchvision_F.normalize(x, xs[0].mean, xs[0].std, inplace=True)
 
 
 def _finish(x):
     if not isinstance(x, Unnormalised):
         return x
-    return _normalise(x.pixels.contiguous().to(dtype=torch.get_default_dtype()).div(255), x.mean, x.std)
+    return torchvision_F.normalize(x.pixels.contiguous().to(dtype=torch.get_default_dtype()).div(255), x.mean, x.std,
+                                   inplace=True)
 
 
 def stream_loader(split: Split, indices: np.ndarray, views: Dict[str, Callable], batch_size: int,
