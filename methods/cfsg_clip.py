@@ -59,6 +59,15 @@ def backbone_tau(backbone) -> float:
     return float(1.0 / backbone.logit_scale.detach())
 
 
+def _spans(sizes):
+    """``[(start, stop), ...]`` of consecutive blocks of the given sizes."""
+    out, a = [], 0
+    for n in sizes:
+        out.append((a, a + n))
+        a += n
+    return out
+
+
 @dataclass
 class CFSGConfig:
     n_ctx: int = 4  # [default] context tokens per prompt set
@@ -89,6 +98,11 @@ class CFSGConfig:
     # through ln_post + proj) or "value" (MaskCLIP/LoCoOp value path of the last block, then
     # ln_post + proj); the YAML says which is the default and why
     patch_features: str = "final"
+    # [default] speed: a training step runs the frozen coarse pass of its three views (labeled,
+    # unlabeled weak and strong) as one batch and the fine pass of the two views with gradients as
+    # one batch (three image-tower passes instead of six; each row's computation is unchanged, the
+    # losses equal up to float rounding); False: one pass per view and branch
+    batch_passes: bool = True
     # ablation switches
     fine_branch: bool = True  # False: coarse branch only
     filtering: bool = True  # False: no filtering, CLS features only (the local heads are dropped)
@@ -199,13 +213,25 @@ class CFSGCLIP(Method):
                       keep_selection: bool = False) -> Dict[str, torch.Tensor]:
         """Logits of every active head. ``guide``: the guiding class per image (labels for labeled
         images); None = the coarse global prediction (unlabeled and test images)."""
-        cfg = self.cfg
         t_c, t_f = self.text_features()
+        out, z_c, guide = self._coarse_heads(images, guide, t_c, keep_selection)
+        if self.cfg.fine_branch:
+            out.update(self._fine_heads(images, z_c, guide, t_f, keep_selection))
+        return out
+
+    def _coarse_heads(self, images: torch.Tensor, guide: Optional[torch.Tensor], t_c: torch.Tensor,
+                      keep_selection: bool = False):
+        """The coarse branch (frozen image tower, no learnable image-side parameter): its heads'
+        logits, the filtered local feature z_c that the fine branch injects, and the guiding classes
+        (``guide`` None, or the rows where it is negative: the coarse global prediction)."""
+        cfg = self.cfg
         out: Dict[str, torch.Tensor] = {}
         coarse, coarse_patches = self._encode(images)
         out["coarse_global"] = self._logits(coarse.pooled, t_c)
         if guide is None:
             guide = out["coarse_global"].argmax(-1)
+        elif bool((guide < 0).any()):
+            guide = torch.where(guide < 0, out["coarse_global"].argmax(-1), guide)
         if cfg.filtering:
             z_c, idx, _ = self.semantic_filter(coarse.pooled, coarse_patches, t_c, guide, cfg.top_k,
                                                cfg.weight_temperature)
@@ -214,32 +240,77 @@ class CFSGCLIP(Method):
                 out["selected_coarse"] = idx
         else:
             z_c = coarse.pooled  # ablation "no filtering": the CLS feature is what gets injected
-        if cfg.fine_branch:
-            tok = self.inject(z_c.to(self.inject.weight.dtype)).unsqueeze(1)  # [B, 1, width]
-            deep = [None] + [tok] * (cfg.depth - 1)  # re-inserted at layers 1..D, free after D
-            fine, fine_patches = self._encode(images, prompts=tok, deep_prompts=deep,
-                                              return_prompts=cfg.fine_global == "token")
-            zf_global = fine.prompts[:, 0] if cfg.fine_global == "token" else fine.pooled
-            out["fine_global"] = self._logits(zf_global, t_f)
-            if cfg.filtering:
-                z_f, idx_f, _ = self.semantic_filter(fine.pooled, fine_patches, t_f, guide, cfg.top_k,
-                                                     cfg.weight_temperature)
-                out["fine_local"] = self._logits(z_f, t_f)
-                if keep_selection:
-                    out["selected_fine"] = idx_f
+        return out, z_c, guide
+
+    def _fine_heads(self, images: torch.Tensor, z_c: torch.Tensor, guide: torch.Tensor,
+                    t_f: torch.Tensor, keep_selection: bool = False) -> Dict[str, torch.Tensor]:
+        """The fine branch: proj(z_c) injected at layers 1..D of a second image-tower pass."""
+        cfg = self.cfg
+        out: Dict[str, torch.Tensor] = {}
+        tok = self.inject(z_c.to(self.inject.weight.dtype)).unsqueeze(1)  # [B, 1, width]
+        deep = [None] + [tok] * (cfg.depth - 1)  # re-inserted at layers 1..D, free after D
+        fine, fine_patches = self._encode(images, prompts=tok, deep_prompts=deep,
+                                          return_prompts=cfg.fine_global == "token")
+        zf_global = fine.prompts[:, 0] if cfg.fine_global == "token" else fine.pooled
+        out["fine_global"] = self._logits(zf_global, t_f)
+        if cfg.filtering:
+            z_f, idx_f, _ = self.semantic_filter(fine.pooled, fine_patches, t_f, guide, cfg.top_k,
+                                                 cfg.weight_temperature)
+            out["fine_local"] = self._logits(z_f, t_f)
+            if keep_selection:
+                out["selected_fine"] = idx_f
         return out
+
+    def _step_heads(self, batch):
+        """The heads of one training step: (labeled, unlabeled weak (no gradient), unlabeled strong);
+        the unlabeled ones None without unlabeled images. ``batch_passes`` off: one
+        :meth:`forward_heads` per view (the weak one under no_grad), six image-tower passes of one
+        view each. On: the coarse pass of every view as one batch (its image side is frozen, so no
+        graph either way), then one fine pass for the weak view under no_grad and one for the
+        labeled and strong views together: three passes, each row's computation unchanged (equal up
+        to float rounding; tests/test_cfsg_clip.py)."""
+        with_u = self.uses_unlabeled and batch.u is not None
+        if not self.cfg.batch_passes:
+            lab = self.forward_heads(batch.x["weak"], guide=batch.y)
+            if not with_u:
+                return lab, None, None
+            with torch.no_grad():
+                weak = self.forward_heads(batch.u["weak"])
+            return lab, weak, self.forward_heads(batch.u["strong"])
+        t_c, t_f = self.text_features()
+        views = [batch.x["weak"]] + ([batch.u["weak"], batch.u["strong"]] if with_u else [])
+        sizes = [v.shape[0] for v in views]
+        images = torch.cat(views)
+        # guiding classes: the labels for labeled images; the coarse global prediction of each
+        # unlabeled view for itself (as forward_heads with guide None)
+        guide = torch.cat([batch.y, batch.y.new_full((images.shape[0] - sizes[0],), -1)])
+        out, z_c, guide = self._coarse_heads(images, guide, t_c)
+        parts = [{h: v[a:b] for h, v in out.items()} for a, b in _spans(sizes)]
+        if not with_u:
+            if self.cfg.fine_branch:
+                parts[0].update(self._fine_heads(images, z_c, guide, t_f))
+            return parts[0], None, None
+        lab, weak, strong = parts
+        weak = {h: v.detach() for h, v in weak.items()}
+        if self.cfg.fine_branch:
+            (l0, l1), (w0, w1), (s0, s1) = _spans(sizes)
+            with torch.no_grad():
+                weak.update(self._fine_heads(images[w0:w1], z_c[w0:w1], guide[w0:w1], t_f.detach()))
+            def rows(t):  # the labeled and strong rows
+                return torch.cat([t[l0:l1], t[s0:s1]])
+            fine = self._fine_heads(rows(images), rows(z_c), rows(guide), t_f)
+            lab.update({h: v[:l1 - l0] for h, v in fine.items()})
+            strong.update({h: v[l1 - l0:] for h, v in fine.items()})
+        return lab, weak, strong
 
     # -- training -----------------------------------------------------------------------------
     def training_step(self, batch, state) -> StepOutput:
         cfg = self.cfg
-        heads = self.forward_heads(batch.x["weak"], guide=batch.y)
+        heads, weak, strong = self._step_heads(batch)
         sup = {h: F.cross_entropy(heads[h], batch.y) for h in self.heads}
         loss = sum(sup.values())
         logs = {f"ce_{h}": float(v.detach()) for h, v in sup.items()}
-        if self.uses_unlabeled and batch.u is not None:
-            with torch.no_grad():
-                weak = self.forward_heads(batch.u["weak"])
-            strong = self.forward_heads(batch.u["strong"])
+        if weak is not None:
             shared_mask = None
             if cfg.mask_source == "coarse_global":
                 shared_mask = (weak["coarse_global"].float().softmax(-1).max(-1).values >= cfg.threshold)

@@ -276,3 +276,32 @@ def test_fusion_mean_global_and_one_head_are_the_hand_computed_means(micro_backb
         torch.testing.assert_close(coarse.predict(images).logits.exp(), p["coarse_global"])
     with pytest.raises(ValueError, match="fusion"):
         make(micro_backbone, fusion="mean_logits")
+
+
+@pytest.mark.parametrize("params", [{}, {"fine_branch": False}, {"filtering": False},
+                                    {"lambda_c": 0.0, "lambda_f": 0.0}, {"mask_source": "coarse_global"}])
+def test_batched_passes_equal_one_pass_per_view(micro_backbone, params):
+    """batch_passes (three image-tower passes per step instead of six) gives the per-view path's
+    loss, logs and gradients up to float rounding; the mask threshold is low enough that the
+    unlabeled terms are not all masked out."""
+    torch.manual_seed(3)
+    batch = Batch(x={"weak": torch.randn(4, 3, 32, 32)}, y=torch.tensor([0, 1, 2, 0]),
+                  u={"weak": torch.randn(5, 3, 32, 32), "strong": torch.randn(5, 3, 32, 32)})
+    results = []
+    for batched in (False, True):
+        m = make(micro_backbone, batch_passes=batched, threshold=0.0, **params).train()
+        out = m.training_step(batch, StepState(0, 1, 0, 1))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    assert ga and ga.keys() == gb.keys()
+    torch.testing.assert_close(b.loss, a.loss)
+    assert a.logs.keys() == b.logs.keys()
+    for k in a.logs:
+        assert b.logs[k] == pytest.approx(a.logs[k], rel=1e-5, abs=1e-6), k
+    if params.get("lambda_c", 1.0) > 0:
+        assert any(k.startswith("u_") and a.logs[k] > 0 for k in a.logs)  # the SSL terms are on
+    for n in ga:
+        # float rounding of the batched sums, relative to the gradient's scale
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-5 * float(ga[n].abs().max()))
