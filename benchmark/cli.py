@@ -111,6 +111,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return show_status(engine, runs, label, args.dry_run, args.force)
     failed = []
     busy = []  # runs another live process holds: waited for after ours
+    from .launch import launcher_kind
+    try:
+        args.launcher = launcher_kind(exp, args)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not args.report_only and args.launcher != "inline":
         from .launch import run_grid
         try:

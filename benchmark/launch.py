@@ -22,8 +22,12 @@ Resources come from the experiment YAML's ``launcher:`` section, overridden by t
       qos: normal
       sbatch: {constraint: a100, mail-type: END}   # any other sbatch option, verbatim
       setup: ["module load cuda/12.4", "source ~/venvs/ossl/bin/activate"]  # lines before srun
-      array_parallelism: 16   # tasks running at once (SLURM's %N; local: processes at once)
-      pack: 1              # grid cells per task
+      kind: slurm          # the launcher when the command line names none (inline | local | slurm;
+                           # absent: inline)
+      array_parallelism: 16   # tasks running at once (SLURM's %N; local: processes at once; local
+                              # also takes auto: the usable CPU cores // cpus)
+      pack: 1              # grid cells per task (auto: the cells to run / (2 x tasks at once),
+                           # rounded up: two tasks per process slot, so that slots finish together)
       retries: 2           # resubmissions of a cell whose task ended without a result
       max_num_timeout: 3   # requeues after hitting the time limit (preemptions are not counted)
       signal_delay_s: 120  # SLURM sends the requeue signal this long before the time limit
@@ -48,6 +52,7 @@ LAUNCHERS = ("inline", "local", "slurm")
 _ENV_LOCK = threading.Lock()  # os.environ is edited around a submission (launchers in threads: tests)
 # the experiment's launcher: keys; the values we use when neither the YAML nor the CLI gives one
 DEFAULTS: Dict[str, Any] = {
+    "kind": None,  # None: inline, unless --launcher says otherwise
     "gpus": None, "cpus": None, "mem_gb": None,
     "time": 24 * 60,  # our default: one day per task (local's own default of 2 min would kill runs)
     "partition": None, "account": None, "qos": None, "sbatch": {}, "setup": [],
@@ -65,9 +70,10 @@ CellKey = Tuple[str, str, int, int]  # (label, dataset, shots, seed)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("launcher (submitit): resources override the experiment's launcher: section")
-    g.add_argument("--launcher", choices=LAUNCHERS, default="inline",
-                   help="inline: this process, one run after another (default); local: submitit "
-                        "subprocesses on this machine; slurm: one SLURM job array")
+    g.add_argument("--launcher", choices=LAUNCHERS, default=None,
+                   help="inline: this process, one run after another; local: submitit "
+                        "subprocesses on this machine; slurm: one SLURM job array (default: the "
+                        "experiment's launcher: kind, else inline)")
     g.add_argument("--gpus", type=int, help="GPUs per task")
     g.add_argument("--cpus", type=int, help="CPUs per task (also the task's torch threads)")
     g.add_argument("--mem-gb", dest="mem_gb", type=float, help="memory per task, GB")
@@ -131,10 +137,46 @@ def options(exp: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
         opts["sbatch"][k.strip().lstrip("-")] = v
     opts["time"] = parse_time(opts["time"])
     for k in ("pack", "array_parallelism", "gpus", "cpus"):
+        if opts[k] == "auto" and k in ("pack", "array_parallelism"):
+            continue
         if opts[k] is not None and (not isinstance(opts[k], int) or opts[k] < (0 if k == "gpus" else 1)):
-            raise ConfigError(f"launcher {k} must be a positive integer, got {opts[k]!r}")
+            auto = " or auto" if k in ("pack", "array_parallelism") else ""
+            raise ConfigError(f"launcher {k} must be a positive integer{auto}, got {opts[k]!r}")
     if not isinstance(opts["retries"], int) or opts["retries"] < 0:
         raise ConfigError(f"launcher retries must be an integer >= 0, got {opts['retries']!r}")
+    return opts
+
+
+def launcher_kind(exp: Dict[str, Any], args: argparse.Namespace) -> str:
+    """The launcher to use: ``--launcher``, else the experiment's ``launcher: kind``, else inline."""
+    kind = getattr(args, "launcher", None) or (exp.get("launcher") or {}).get("kind") or "inline"
+    if kind not in LAUNCHERS:
+        raise ConfigError(f"launcher kind {kind!r}: expected one of {', '.join(LAUNCHERS)} "
+                          f"(did you mean {nearest(str(kind), LAUNCHERS)!r}?)")
+    return kind
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_auto(kind: str, opts: Dict[str, Any], n_todo: int) -> Dict[str, Any]:
+    """``array_parallelism: auto`` (local: one process slot per ``cpus`` usable cores) and ``pack:
+    auto`` (two tasks per slot, so that slots finish close together and each task pays the process
+    start once for many cells; on SLURM without a parallelism limit: one cell per task)."""
+    opts = dict(opts)
+    if opts["array_parallelism"] == "auto":
+        if kind != "local":
+            raise ConfigError("launcher array_parallelism: auto counts this machine's cores, so it "
+                              "applies to --launcher local only; give SLURM a number")
+        opts["array_parallelism"] = max(1, usable_cpus() // int(opts["cpus"] or 1))
+    if opts["pack"] == "auto":
+        lanes = opts["array_parallelism"] or (1 if kind == "local" else max(1, n_todo))
+        opts["pack"] = max(1, -(-n_todo // (2 * lanes)))
     return opts
 
 
@@ -309,17 +351,18 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
     from .engine import Engine
     from .io import atomic_write_json
 
-    kind = args.launcher
+    kind = launcher_kind(exp, args)
     opts = options(exp, args)
     engine = Engine(results, force=args.force)
     cells = [_Cell(c, cell_key(c), config_hash(c)) for c in grid.runs]
     todo = [c for c in cells if engine.status(c.cfg) != "complete"]
+    opts = resolve_auto(kind, opts, len(todo))
     print(f"{len(cells) - len(todo)} complete, {len(todo)} to run ({kind}, {opts['pack']} cell(s) per task)")
     if not todo:
         return []
     folder = results / "submitit"
     ex = make_executor(kind, folder, opts, f"ossl-{exp.get('name', 'grid')}")
-    shown = {k: v for k, v in opts.items() if v not in (None, [], {}) and k != "pack"}
+    shown = {k: v for k, v in opts.items() if v not in (None, [], {}) and k not in ("pack", "kind")}
     print("resources per task: " + ", ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
     task = GridTask({k: v for k, v in exp.items()}, str(results), list(args.sets or []), args.data_root,
                     args.device, bool(args.force), opts["cpus"])

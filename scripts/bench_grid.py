@@ -54,7 +54,7 @@ def summarise(results: Path) -> str:
 
 # every speed option off: the official-shaped path (the options and their defaults: README)
 OFF_SETS = ["train.short_text=false", "train.sdpa_blocks=false", "eval.memo_mb=0", "data.batch_normalize=false",
-            "data.cached_views=0"]
+            "data.cached_views=0", "cfsg_clip.params.batch_passes=false"]
 
 
 def _method_seconds(results: Path) -> dict:

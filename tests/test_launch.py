@@ -358,3 +358,46 @@ def test_run_lock_across_hosts_heartbeat_and_stale_takeover(tmp_path, monkeypatc
         sleeper.kill()
         sleeper.wait()
     assert RunLock.holder(d) is None
+
+
+def test_launcher_kind_and_auto_resources(monkeypatch):
+    """The experiment's launcher: kind applies when --launcher is not given; array_parallelism auto
+    = usable cores // cpus (local only); pack auto = two tasks per process slot."""
+    import argparse
+
+    from benchmark import launch
+    from benchmark.errors import ConfigError
+
+    ns = lambda **kw: argparse.Namespace(**{"launcher": None, **kw})  # noqa: E731
+    assert launch.launcher_kind({}, ns()) == "inline"
+    assert launch.launcher_kind({"launcher": {"kind": "local"}}, ns()) == "local"
+    assert launch.launcher_kind({"launcher": {"kind": "local"}}, ns(launcher="inline")) == "inline"
+    with pytest.raises(ConfigError, match="did you mean 'local'"):
+        launch.launcher_kind({"launcher": {"kind": "locl"}}, ns())
+    monkeypatch.setattr(launch, "usable_cpus", lambda: 5)
+    exp = {"launcher": {"kind": "local", "cpus": 2, "array_parallelism": "auto", "pack": "auto"}}
+    opts = launch.resolve_auto("local", launch.options(exp, ns()), 192)
+    assert opts["array_parallelism"] == 2 and opts["pack"] == 48  # 5 // 2 slots, 192 / (2 x 2)
+    opts = launch.resolve_auto("local", launch.options(exp, ns(cpus=1)), 7)
+    assert opts["array_parallelism"] == 5 and opts["pack"] == 1  # ceil(7 / 10)
+    with pytest.raises(ConfigError, match="local only"):
+        launch.resolve_auto("slurm", launch.options(exp, ns()), 10)
+    slurm = launch.options({"launcher": {"pack": "auto"}}, ns())
+    assert launch.resolve_auto("slurm", slurm, 10)["pack"] == 1  # no parallelism limit: a cell per task
+    with pytest.raises(ConfigError, match="positive integer or auto"):
+        launch.options({"launcher": {"pack": "many"}}, ns())
+
+
+def test_experiment_launcher_kind_local_runs_without_the_flag(tmp_path):
+    """An experiment whose launcher: section says kind: local runs its grid as submitit tasks (pack
+    auto: two tasks per slot) when the command line names no launcher; results equal inline's."""
+    exp = _exp(tmp_path, launcher={"kind": "local", "cpus": torch.get_num_threads(),
+                                   "array_parallelism": 1, "pack": "auto"})
+    out = tmp_path / "local"
+    assert main(["--experiment", exp, "--results-dir", str(out), "--no-figures"]) == 0
+    assert len(_jobs(out)) == 2  # 4 cells, 1 slot -> 2 tasks of 2 cells
+    assert main(["--experiment", exp, "--results-dir", str(tmp_path / "inline"), "--no-figures",
+                 "--launcher", "inline"]) == 0
+    assert not (tmp_path / "inline" / "submitit").exists()
+    for t in ("table1_acc.csv", "auroc.csv"):
+        assert (out / "tables" / t).read_text() == (tmp_path / "inline" / "tables" / t).read_text()
