@@ -705,15 +705,20 @@ class CLIPBackbone(nn.Module):
         return out
 
 
+_RESBLOCK = None  # open_clip's ResidualAttentionBlock, once imported
+
+
 def _plain_block(blk: nn.Module) -> bool:
     """Whether ``blk`` is open_clip's plain ``ResidualAttentionBlock`` (self-attention through a
     packed ``nn.MultiheadAttention`` without extra biases or dropout), not compiled and without
     hooks: the blocks :func:`_sdpa_block` computes. A LoRA-wrapped attention, a compiled or hooked
-    block, or any other block type runs its own forward."""
-    from open_clip.transformer import ResidualAttentionBlock
-
+    block, or any other block type runs its own forward. Checked at every call: hooks and
+    compilation can change between passes."""
+    global _RESBLOCK
+    if _RESBLOCK is None:  # open_clip is imported lazily by this module
+        from open_clip.transformer import ResidualAttentionBlock as _RESBLOCK
     attn = getattr(blk, "attn", None)
-    return (type(blk) is ResidualAttentionBlock and type(attn) is nn.MultiheadAttention
+    return (type(blk) is _RESBLOCK and type(attn) is nn.MultiheadAttention
             and getattr(blk, "_compiled_call_impl", None) is None and not hasattr(blk, "ln_1_kv")
             and not (blk._forward_hooks or blk._forward_pre_hooks or attn._forward_hooks
                      or attn._forward_pre_hooks)

@@ -42,7 +42,7 @@ from benchmark.method import Method, Prediction, StepOutput
 from benchmark.registry import register_method
 from benchmark.ssl import fixmatch_loss
 
-from ._prompts import detached, param_versions
+from ._prompts import PromptMethod
 from ._text_prompts import ContextPrompts
 
 HEADS = ("coarse_global", "coarse_local", "fine_global", "fine_local")
@@ -109,7 +109,7 @@ class CFSGConfig:
 
 
 @register_method("cfsg_clip")
-class CFSGCLIP(Method):
+class CFSGCLIP(PromptMethod, Method):
     """CFSG-CLIP: coarse-to-fine semantic guidance with semi-supervised training (CVPR 2025)."""
 
     Config = CFSGConfig
@@ -155,27 +155,18 @@ class CFSGCLIP(Method):
                            and (cfg.filtering or not h.endswith("local")))
         if cfg.fusion not in FUSIONS and cfg.fusion not in self.heads:
             raise ValueError(f"cfsg_clip.fusion={cfg.fusion!r} is switched off by the ablation flags")
-        self._eval_text: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
-        self._step_text = None  # (parameter versions, this step's text features): see text_features
+        self._init_cache()  # class text features: once in eval mode, once per training step
 
     # -- pieces -------------------------------------------------------------------------------
-    def train(self, mode: bool = True):
-        self._eval_text = None  # prompts change in training: recompute text features afterwards
-        self._step_text = None
-        return super().train(mode)
-
     def text_features(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if not self.training and self._eval_text is not None:
-            return self._eval_text
-        key = param_versions(self) if self.training else None
-        if self.training and not torch.is_grad_enabled() and self._step_text and self._step_text[0] == key:
-            return detached(self._step_text[1])  # the weak pass of this step: same prompts, same features
-        t_c = F.normalize(self.coarse_prompts(), dim=-1)
-        t_f = F.normalize(self.fine_prompts(), dim=-1) if self.cfg.fine_branch else None
-        if not self.training:
-            self._eval_text = (t_c, t_f)
-        self._step_text = (key, (t_c, t_f)) if self.training and torch.is_grad_enabled() else None
-        return t_c, t_f
+        """Normalised class text features of the coarse and fine prompts (``t_f`` None without the
+        fine branch): cached in eval mode; in training, computed once per step (a no-grad pass of
+        the same step reuses them, detached)."""
+        def compute():
+            t_c = F.normalize(self.coarse_prompts(), dim=-1)
+            t_f = F.normalize(self.fine_prompts(), dim=-1) if self.cfg.fine_branch else None
+            return t_c, t_f
+        return self.cached(compute)
 
     @staticmethod
     def semantic_filter(cls_feat: torch.Tensor, patches: torch.Tensor, text: torch.Tensor,

@@ -30,9 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 def _costs(results: Path) -> dict:
     """label -> the ``cost`` records of its finished runs under ``results``."""
+    from benchmark.report import read_result
+
     rows = defaultdict(list)
     for p in sorted(results.glob("runs/*/*/*/result.json")):
-        r = json.loads(p.read_text())
+        r = read_result(p)
         rows[r.get("label") or r["method"]].append(r["cost"])
     return rows
 
