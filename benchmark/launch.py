@@ -417,12 +417,31 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
     watching: List[_Cell] = []
     failed: List[Tuple[str, Exception]] = []
     n_done = len(cells) - len(todo)
+    shown: set = set()  # cells already reported finished while their task still ran
+
+    def finished_line(c: _Cell, outcome: str) -> str:
+        from .report import read_result
+
+        try:
+            m = read_result(run_dir(results, c.cfg) / "result.json")["metrics"]
+            what = f"acc {m['acc']:.2f}  ba {m['ba_closed']:.2f}  auroc {m['auroc']:.2f}"
+        except Exception:  # noqa: BLE001 - a progress line never fails the grid
+            what = outcome
+        return f"[{n_done}/{len(cells)}] {cell_label(c.key)}: {what}"
+
     while pending or running or watching:
         free = len(pending) if slots is None else max(0, slots - len(running))
         if free and pending:
             batch, pending = pending[:free], pending[free:]
             running += submit(batch)
         time.sleep(poll)
+        for job, p in running:  # progress: cells whose result appeared while their task runs on
+            for c in p:
+                if (c.key not in shown and (run_dir(results, c.cfg) / "result.json").exists()
+                        and engine.status(c.cfg) == "complete"):
+                    shown.add(c.key)
+                    n_done += 1
+                    print(finished_line(c, "ran"), flush=True)
         still = []
         for job, p in running:
             if not job.done():
@@ -444,8 +463,10 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
                 rec = recs.get(c.key) or {"outcome": "died", "error": job_err}
                 d = run_dir(results, c.cfg)
                 if engine.status(c.cfg) == "complete":
-                    n_done += 1
-                    print(f"[{n_done}/{len(cells)}] {cell_label(c.key)}: {rec['outcome']}", flush=True)
+                    if c.key not in shown:
+                        shown.add(c.key)
+                        n_done += 1
+                        print(finished_line(c, rec["outcome"]), flush=True)
                     if c.attempts:
                         c.attempts.append({"job_id": job.job_id, "outcome": rec["outcome"]})
                         atomic_write_json(d / "launch.json", {"state": "complete", "attempts": c.attempts})

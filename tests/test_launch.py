@@ -388,14 +388,21 @@ def test_launcher_kind_and_auto_resources(monkeypatch):
         launch.options({"launcher": {"pack": "many"}}, ns())
 
 
-def test_experiment_launcher_kind_local_runs_without_the_flag(tmp_path):
+def test_experiment_launcher_kind_local_runs_without_the_flag(tmp_path, capsys):
     """An experiment whose launcher: section says kind: local runs its grid as submitit tasks (pack
-    auto: two tasks per slot) when the command line names no launcher; results equal inline's."""
+    auto: two tasks per slot) when the command line names no launcher, prints each cell's metrics
+    once as it finishes; results equal inline's."""
     exp = _exp(tmp_path, launcher={"kind": "local", "cpus": torch.get_num_threads(),
                                    "array_parallelism": 1, "pack": "auto"})
     out = tmp_path / "local"
     assert main(["--experiment", exp, "--results-dir", str(out), "--no-figures"]) == 0
     assert len(_jobs(out)) == 2  # 4 cells, 1 slot -> 2 tasks of 2 cells
+    printed = capsys.readouterr().out
+    for cfg in _runs(exp):
+        acc = json.loads((run_dir(out, cfg) / "result.json").read_text())["metrics"]["acc"]
+        line = f"toy/{cfg.label}/{cfg.shots}-shot/seed{cfg.seed}: acc {acc:.2f}"
+        assert printed.count(line) == 1, (line, printed)
+    assert [f"[{i}/4]" in printed for i in range(1, 5)] == [True] * 4
     assert main(["--experiment", exp, "--results-dir", str(tmp_path / "inline"), "--no-figures",
                  "--launcher", "inline"]) == 0
     assert not (tmp_path / "inline" / "submitit").exists()
