@@ -118,7 +118,10 @@ def environment(device: torch.device) -> Dict[str, str]:
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "open_clip": open_clip.__version__, "platform": platform.platform(),
-           "device": str(device), "suite": __version__}
+           "device": str(device), "suite": __version__,
+           # float sums of a CPU run depend on the thread count (reduction order): a seed reproduces
+           # a run exactly for the same count
+           "torch_threads": str(torch.get_num_threads())}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     try:

@@ -26,8 +26,8 @@ Resources come from the experiment YAML's ``launcher:`` section, overridden by t
                            # absent: inline)
       array_parallelism: 16   # tasks running at once (SLURM's %N; local: processes at once; local
                               # also takes auto: the usable CPU cores // cpus)
-      pack: 1              # grid cells per task (auto: the cells to run / (2 x tasks at once),
-                           # rounded up: two tasks per process slot, so that slots finish together)
+      pack: 1              # grid cells per task (auto: the cells to run / tasks at once, rounded
+                           # up: one task per process slot)
       retries: 2           # resubmissions of a cell whose task ended without a result
       max_num_timeout: 3   # requeues after hitting the time limit (preemptions are not counted)
       signal_delay_s: 120  # SLURM sends the requeue signal this long before the time limit
@@ -166,8 +166,8 @@ def usable_cpus() -> int:
 
 def resolve_auto(kind: str, opts: Dict[str, Any], n_todo: int) -> Dict[str, Any]:
     """``array_parallelism: auto`` (local: one process slot per ``cpus`` usable cores) and ``pack:
-    auto`` (two tasks per slot, so that slots finish close together and each task pays the process
-    start once for many cells; on SLURM without a parallelism limit: one cell per task)."""
+    auto`` (the cells to run split evenly over the slots, in grid order: one task per slot, so each
+    slot pays the process start once; on SLURM without a parallelism limit: one cell per task)."""
     opts = dict(opts)
     if opts["array_parallelism"] == "auto":
         if kind != "local":
@@ -176,7 +176,7 @@ def resolve_auto(kind: str, opts: Dict[str, Any], n_todo: int) -> Dict[str, Any]
         opts["array_parallelism"] = max(1, usable_cpus() // int(opts["cpus"] or 1))
     if opts["pack"] == "auto":
         lanes = opts["array_parallelism"] or (1 if kind == "local" else max(1, n_todo))
-        opts["pack"] = max(1, -(-n_todo // (2 * lanes)))
+        opts["pack"] = max(1, -(-n_todo // lanes))
     return opts
 
 

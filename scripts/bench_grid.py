@@ -10,9 +10,12 @@ for each method, the number of runs, the mean and max seconds per run (train / e
 total, and the whole grid's wall time. Any extra option is passed to run_all.py.
 
 ``--paired`` runs the grid twice, method by method in alternation (so both sides share the machine's
-load): once with the default speed options and once with all of them off (``OFF_SETS``), into two
-fresh folders, then prints each method's total seconds on both sides, the ratio, and whether the
-two sides' tables (``tables/*.md``) are identical.
+load): once as the experiment runs by default (its speed options and its launcher: on the embedded
+world two 1-thread processes) and once with every speed option off (``OFF_SETS``) in one process
+(``--launcher inline``), into two fresh folders, then prints each method's total seconds of runs on
+both sides (a run on 1 thread takes longer than on 2, so with the local launcher the wall ratio is
+the one to read), the wall ratio, and whether the two sides' tables (``tables/*.md``) are identical.
+Add ``--launcher inline`` to compare the speed options alone, both sides in one process.
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ def paired(rest) -> int:
     rc = 0
     wall = {"on": 0.0, "off": 0.0}
     for k, m in enumerate(methods):
-        sides = [("on", on, []), ("off", off, sum((["--set", s] for s in OFF_SETS), []))]
+        off_args = ([] if "--launcher" in rest else ["--launcher", "inline"]) + sum((["--set", s] for s in OFF_SETS), [])
+        sides = [("on", on, []), ("off", off, off_args)]
         for name, folder, extra in (sides if k % 2 == 0 else sides[::-1]):
             t0 = time.time()
             rc |= run_all(rest + extra + ["--methods", m, "--results-dir", str(folder), "--no-figures"])

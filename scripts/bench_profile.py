@@ -264,7 +264,9 @@ def main(argv=None) -> int:
     install(prof)
     out = Path(args.results_dir) if args.results_dir else Path(tempfile.mkdtemp(prefix="ossl-profile-"))
     t0 = time.perf_counter()
-    rc = run_all(rest + ["--results-dir", str(out), "--no-figures"])
+    # the profiler hooks this process: the runs must run here, whatever the experiment's launcher
+    inline = [] if "--launcher" in rest else ["--launcher", "inline"]
+    rc = run_all(rest + inline + ["--results-dir", str(out), "--no-figures"])
     wall = time.perf_counter() - t0
     print()
     print(table(prof.records))

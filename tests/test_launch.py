@@ -362,7 +362,7 @@ def test_run_lock_across_hosts_heartbeat_and_stale_takeover(tmp_path, monkeypatc
 
 def test_launcher_kind_and_auto_resources(monkeypatch):
     """The experiment's launcher: kind applies when --launcher is not given; array_parallelism auto
-    = usable cores // cpus (local only); pack auto = two tasks per process slot."""
+    = usable cores // cpus (local only); pack auto = one task per process slot."""
     import argparse
 
     from benchmark import launch
@@ -377,9 +377,9 @@ def test_launcher_kind_and_auto_resources(monkeypatch):
     monkeypatch.setattr(launch, "usable_cpus", lambda: 5)
     exp = {"launcher": {"kind": "local", "cpus": 2, "array_parallelism": "auto", "pack": "auto"}}
     opts = launch.resolve_auto("local", launch.options(exp, ns()), 192)
-    assert opts["array_parallelism"] == 2 and opts["pack"] == 48  # 5 // 2 slots, 192 / (2 x 2)
+    assert opts["array_parallelism"] == 2 and opts["pack"] == 96  # 5 // 2 slots, 192 / 2
     opts = launch.resolve_auto("local", launch.options(exp, ns(cpus=1)), 7)
-    assert opts["array_parallelism"] == 5 and opts["pack"] == 1  # ceil(7 / 10)
+    assert opts["array_parallelism"] == 5 and opts["pack"] == 2  # ceil(7 / 5)
     with pytest.raises(ConfigError, match="local only"):
         launch.resolve_auto("slurm", launch.options(exp, ns()), 10)
     slurm = launch.options({"launcher": {"pack": "auto"}}, ns())
@@ -390,13 +390,13 @@ def test_launcher_kind_and_auto_resources(monkeypatch):
 
 def test_experiment_launcher_kind_local_runs_without_the_flag(tmp_path, capsys):
     """An experiment whose launcher: section says kind: local runs its grid as submitit tasks (pack
-    auto: two tasks per slot) when the command line names no launcher, prints each cell's metrics
+    auto: one task per slot) when the command line names no launcher, prints each cell's metrics
     once as it finishes; results equal inline's."""
     exp = _exp(tmp_path, launcher={"kind": "local", "cpus": torch.get_num_threads(),
-                                   "array_parallelism": 1, "pack": "auto"})
+                                   "array_parallelism": 2, "pack": "auto"})
     out = tmp_path / "local"
     assert main(["--experiment", exp, "--results-dir", str(out), "--no-figures"]) == 0
-    assert len(_jobs(out)) == 2  # 4 cells, 1 slot -> 2 tasks of 2 cells
+    assert len(_jobs(out)) == 2  # 4 cells, 2 slots -> 2 tasks of 2 cells
     printed = capsys.readouterr().out
     for cfg in _runs(exp):
         acc = json.loads((run_dir(out, cfg) / "result.json").read_text())["metrics"]["acc"]
