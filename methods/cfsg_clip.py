@@ -224,11 +224,7 @@ class CFSGCLIP(PromptMethod, Method):
         elif bool((guide < 0).any()):
             guide = torch.where(guide < 0, out["coarse_global"].argmax(-1), guide)
         if cfg.filtering:
-            z_c, idx, _ = self.semantic_filter(coarse.pooled, coarse_patches, t_c, guide, cfg.top_k,
-                                               cfg.weight_temperature)
-            out["coarse_local"] = self._logits(z_c, t_c)
-            if keep_selection:
-                out["selected_coarse"] = idx
+            z_c = self._local_head(out, "coarse", coarse.pooled, coarse_patches, t_c, guide, keep_selection)
         else:
             z_c = coarse.pooled  # ablation "no filtering": the CLS feature is what gets injected
         return out, z_c, guide
@@ -245,12 +241,20 @@ class CFSGCLIP(PromptMethod, Method):
         zf_global = fine.prompts[:, 0] if cfg.fine_global == "token" else fine.pooled
         out["fine_global"] = self._logits(zf_global, t_f)
         if cfg.filtering:
-            z_f, idx_f, _ = self.semantic_filter(fine.pooled, fine_patches, t_f, guide, cfg.top_k,
-                                                 cfg.weight_temperature)
-            out["fine_local"] = self._logits(z_f, t_f)
-            if keep_selection:
-                out["selected_fine"] = idx_f
+            self._local_head(out, "fine", fine.pooled, fine_patches, t_f, guide, keep_selection)
         return out
+
+    def _local_head(self, out: Dict[str, torch.Tensor], branch: str, cls_feat: torch.Tensor,
+                    patches: torch.Tensor, text: torch.Tensor, guide: torch.Tensor,
+                    keep_selection: bool) -> torch.Tensor:
+        """A branch's local head: the filtered local feature (returned) and its logits
+        (``out[<branch>_local]``; the kept patches in ``out[selected_<branch>]`` when asked)."""
+        z, idx, _ = self.semantic_filter(cls_feat, patches, text, guide, self.cfg.top_k,
+                                         self.cfg.weight_temperature)
+        out[f"{branch}_local"] = self._logits(z, text)
+        if keep_selection:
+            out[f"selected_{branch}"] = idx
+        return z
 
     def _step_heads(self, batch):
         """The heads of one training step: (labeled, unlabeled weak (no gradient), unlabeled strong);

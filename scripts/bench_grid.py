@@ -86,6 +86,11 @@ def paired(rest) -> int:
             t0 = time.time()
             rc |= run_all(rest + extra + ["--methods", m, "--results-dir", str(folder), "--no-figures"])
             wall[name] += time.time() - t0
+    # each call above wrote tables of its own method only: rebuild both sides' tables from every run
+    # (with the side's settings, so that every run's config hash matches)
+    for name, folder, extra in sides:
+        rc |= run_all(rest + extra + ["--methods", ",".join(methods), "--results-dir", str(folder),
+                                      "--report-only", "--no-figures"])
     s_on, s_off = _method_seconds(on), _method_seconds(off)
     print(f"{'method':<16}{'default s':>10}{'all off s':>10}{'speed-up':>10}")
     for m in s_off:
