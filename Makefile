@@ -19,4 +19,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 clean-results:
-	rm -rf results/runs results/splits results/cache results/tables results/figures results/summary.csv
+	rm -rf results/runs results/splits results/cache results/tables results/figures results/summary.csv results/submitit
