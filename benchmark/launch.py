@@ -315,6 +315,7 @@ class _Cell:
     cfg: Any
     key: CellKey
     chash: str
+    dir: Path  # the cell's run folder (run_dir), computed once: the wait loop polls it
     attempts: List[Dict[str, Any]] = field(default_factory=list)
 
 
@@ -348,13 +349,13 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
     """Runs the grid's unfinished cells as submitit jobs; returns the failed cells (label, error),
     or None with ``--no-wait`` (tables are then the user's ``--report-only``)."""
     from .config import config_hash
-    from .engine import Engine
+    from .engine import Engine, run_dir
     from .io import atomic_write_json
 
     kind = launcher_kind(exp, args)
     opts = options(exp, args)
     engine = Engine(results, force=args.force)
-    cells = [_Cell(c, cell_key(c), config_hash(c)) for c in grid.runs]
+    cells = [_Cell(c, cell_key(c), config_hash(c), run_dir(results, c)) for c in grid.runs]
     todo = [c for c in cells if engine.status(c.cfg) != "complete"]
     opts = resolve_auto(kind, opts, len(todo))
     print(f"{len(cells) - len(todo)} complete, {len(todo)} to run ({kind}, {opts['pack']} cell(s) per task)")
@@ -410,7 +411,7 @@ def run_grid(args: argparse.Namespace, exp: Dict[str, Any], grid, results: Path,
 def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engine, results):
     """Submit packs as slots free up, collect each ended job's outcomes, resubmit (bounded), and
     wait out cells that another process is running; returns the failed cells."""
-    from .engine import RunLock, run_dir
+    from .engine import RunLock
     from .io import atomic_write_json
 
     running: List[Tuple[Any, List[_Cell]]] = []
@@ -423,7 +424,7 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
         from .report import read_result
 
         try:
-            m = read_result(run_dir(results, c.cfg) / "result.json")["metrics"]
+            m = read_result(c.dir / "result.json")["metrics"]
             what = f"acc {m['acc']:.2f}  ba {m['ba_closed']:.2f}  auroc {m['auroc']:.2f}"
         except Exception:  # noqa: BLE001 - a progress line never fails the grid
             what = outcome
@@ -437,7 +438,7 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
         time.sleep(poll)
         for job, p in running:  # progress: cells whose result appeared while their task runs on
             for c in p:
-                if (c.key not in shown and (run_dir(results, c.cfg) / "result.json").exists()
+                if (c.key not in shown and (c.dir / "result.json").exists()
                         and engine.status(c.cfg) == "complete"):
                     shown.add(c.key)
                     n_done += 1
@@ -461,7 +462,7 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
             first_open = next((x for x in p if engine.status(x.cfg) != "complete"), None)
             for c in p:
                 rec = recs.get(c.key) or {"outcome": "died", "error": job_err}
-                d = run_dir(results, c.cfg)
+                d = c.dir
                 if engine.status(c.cfg) == "complete":
                     if c.key not in shown:
                         shown.add(c.key)
@@ -494,7 +495,7 @@ def _wait(kind, ex, submit, packs, pending, slots, poll, opts, cells, todo, engi
             pending += packs(retry)
         running = still
         for c in list(watching):
-            d = run_dir(results, c.cfg)
+            d = c.dir
             if RunLock.holder(d):
                 continue
             watching.remove(c)
