@@ -219,10 +219,8 @@ class CFSGCLIP(PromptMethod, Method):
         out: Dict[str, torch.Tensor] = {}
         coarse, coarse_patches = self._encode(images)
         out["coarse_global"] = self._logits(coarse.pooled, t_c)
-        if guide is None:
-            guide = out["coarse_global"].argmax(-1)
-        elif bool((guide < 0).any()):
-            guide = torch.where(guide < 0, out["coarse_global"].argmax(-1), guide)
+        pred = out["coarse_global"].argmax(-1)
+        guide = pred if guide is None else torch.where(guide < 0, pred, guide)  # no host sync
         if cfg.filtering:
             z_c = self._local_head(out, "coarse", coarse.pooled, coarse_patches, t_c, guide, keep_selection)
         else:
