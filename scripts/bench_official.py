@@ -50,8 +50,10 @@ device; (3) MaPLe's shallow projection is created in half precision (``self.proj
 model was cast to fp32; the whole model is cast to the run's dtype (fp32 on CPU), as every tensor must
 share one dtype for a CPU matmul; (4) CLIP-LoRA's ``logit_scale`` is 100 in ``main.py`` (OpenAI CLIP's
 exp(logit_scale)); here it is the backbone's exp(logit_scale), as the suite's, so the losses compare.
-On CUDA both sides run in the official precision setting the suite uses (bf16 autocast for the suite,
-the official ``fp32``/``amp`` path as configured by ``--official-prec``).
+On CUDA (not measured yet: no GPU was available) the suite runs under bf16 autocast, CLIP-LoRA's
+official step under its own fp16 autocast, and CoOp, MaPLe and CLIP-Adapter with ``PREC: fp32`` as set
+here (their configs' ``fp16``, a half-precision model, is not set up by this script), so GPU ratios of
+those three are not like for like.
 """
 from __future__ import annotations
 
@@ -59,7 +61,6 @@ import argparse
 import copy
 import importlib.util
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -407,7 +408,8 @@ def run_one(args) -> dict:
             b.features = served
         return b
 
-    # the suite: options on (defaults), all off, and (frozen-encoder methods) on + cached views, each its own copy from the same initial parameters
+    # the suite: options on (defaults), all off, and (frozen-image methods) on + cached views; each
+    # side its own copy from the same initial parameters
     suite = {}
     memo = {}  # the "views" side: the frozen image outputs of the batch, served as data.cached_views does
     sides = [("on", True), ("off", False)]
@@ -445,7 +447,6 @@ def run_one(args) -> dict:
         official = build(**kw)
     for note in official.notes:
         print(f"  [{name}] official code adapted: {note}", flush=True)
-
 
     # the check: loss and evaluation logits of suite (options on and off) and official at the same
     # parameters, in eval mode. CLIP-LoRA: random non-zero B on both sides (B starts at zero).
