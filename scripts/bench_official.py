@@ -170,27 +170,16 @@ def _dassl_trainer(cls, cfg, model, optim, device):
     return tr
 
 
-class OfficialCoOp(Official):
-    def __init__(self, root, sd, classnames, device, suite_params):
-        import torch
-        from clip import clip  # CoOp's
-        mod = _load_module(root / "CoOp/trainers/coop.py", "official_coop")
-        p = suite_params
-        cfg = _ns(TRAINER=_ns(COOP=_ns(N_CTX=p.n_ctx, CTX_INIT=p.ctx_init, CSC=p.csc, PREC="fp32",
-                                       CLASS_TOKEN_POSITION=p.class_token_position)),
-                  INPUT=_ns(SIZE=(224, 224)), OPTIM=_ns(LR=0.002, MOMENTUM=0.9, WEIGHT_DECAY=5e-4))
-        clip_model = clip.build_model(sd).float()
-        self.model = mod.CustomCLIP(cfg, classnames, clip_model)
-        for n, q in self.model.named_parameters():
-            if "prompt_learner" not in n:
+class DasslOfficial(Official):
+    """The Dassl-trainer methods: the trainer's own ``forward_backward`` and ``model(image)`` at test."""
+
+    def _finish(self, trainer_cls, cfg, device, trainable, optimised) -> None:
+        for n, q in self.model.named_parameters():  # as the trainer's build_model freezes them
+            if not trainable(n):
                 q.requires_grad_(False)
         self.model.to(device)
-        optim = sys.modules["dassl.optim"].build_optimizer(self.model.prompt_learner, cfg.OPTIM)
-        self.trainer = _dassl_trainer(mod.CoOp, cfg, self.model, optim, device)
-        self.notes = []
-
-    def load_from(self, suite):
-        self.model.prompt_learner.ctx.data.copy_(suite.prompts.ctx.data)
+        optim = sys.modules["dassl.optim"].build_optimizer(optimised(), cfg.OPTIM)
+        self.trainer = _dassl_trainer(trainer_cls, cfg, self.model, optim, device)
 
     def step(self, images, labels):
         self.model.train()
@@ -203,7 +192,26 @@ class OfficialCoOp(Official):
             return self.model(images)
 
 
-class OfficialMaPLe(Official):
+class OfficialCoOp(DasslOfficial):
+    def __init__(self, root, sd, classnames, device, suite_params):
+        import torch
+        from clip import clip  # CoOp's
+        mod = _load_module(root / "CoOp/trainers/coop.py", "official_coop")
+        p = suite_params
+        cfg = _ns(TRAINER=_ns(COOP=_ns(N_CTX=p.n_ctx, CTX_INIT=p.ctx_init, CSC=p.csc, PREC="fp32",
+                                       CLASS_TOKEN_POSITION=p.class_token_position)),
+                  INPUT=_ns(SIZE=(224, 224)), OPTIM=_ns(LR=0.002, MOMENTUM=0.9, WEIGHT_DECAY=5e-4))
+        clip_model = clip.build_model(sd).float()
+        self.model = mod.CustomCLIP(cfg, classnames, clip_model)
+        self._finish(mod.CoOp, cfg, device, lambda n: "prompt_learner" in n,
+                     lambda: self.model.prompt_learner)
+        self.notes = []
+
+    def load_from(self, suite):
+        self.model.prompt_learner.ctx.data.copy_(suite.prompts.ctx.data)
+
+
+class OfficialMaPLe(DasslOfficial):
     def __init__(self, root, sd, classnames, device, suite_params):
         from clip import clip  # MaPLe's (build_model takes design_details)
         mod = _load_module(root / "multimodal-prompt-learning/trainers/maple.py", "official_maple")
@@ -215,12 +223,8 @@ class OfficialMaPLe(Official):
                   "language_ctx": 0, "maple_length": p.n_ctx}
         clip_model = clip.build_model(sd, design).float()
         self.model = mod.CustomCLIP(cfg, classnames, clip_model).float()  # note (3): proj.half()
-        for n, q in self.model.named_parameters():
-            if "prompt_learner" not in n and "VPT" not in n:
-                q.requires_grad_(False)
-        self.model.to(device)
-        optim = sys.modules["dassl.optim"].build_optimizer(self.model, cfg.OPTIM)
-        self.trainer = _dassl_trainer(mod.MaPLe, cfg, self.model, optim, device)
+        self._finish(mod.MaPLe, cfg, device, lambda n: "prompt_learner" in n or "VPT" in n,
+                     lambda: self.model)
         self.notes = ["the official MultiModalPromptLearner.proj is created in fp16 (proj.half()); "
                       "the model is cast to fp32 as a whole"]
 
@@ -233,18 +237,8 @@ class OfficialMaPLe(Official):
         for a, b in zip(pl.compound_prompt_projections, suite.deep_proj):
             a.load_state_dict(b.state_dict())
 
-    def step(self, images, labels):
-        self.model.train()
-        return self.trainer.forward_backward({"img": images, "label": labels})["loss"]
 
-    def evaluate(self, images):
-        import torch
-        self.model.eval()
-        with torch.no_grad():
-            return self.model(images)
-
-
-class OfficialCLIPAdapter(Official):
+class OfficialCLIPAdapter(DasslOfficial):
     def __init__(self, root, sd, classnames, device, suite_params):
         import torch
         from clip import clip  # CoOp's (CLIP-Adapter is built on CoOp's code base)
@@ -266,25 +260,10 @@ class OfficialCLIPAdapter(Official):
         if dim != 1024:  # note (1)
             self.model.adapter = mod.Adapter(dim, 4).to(clip_model.dtype)
             self.notes.append(f"Adapter(1024, 4) (ResNet-50 width, hard-coded) built as Adapter({dim}, 4)")
-        for n, q in self.model.named_parameters():
-            if "adapter" not in n:
-                q.requires_grad_(False)
-        self.model.to(device)
-        optim = sys.modules["dassl.optim"].build_optimizer(self.model.adapter, cfg.OPTIM)
-        self.trainer = _dassl_trainer(mod.CLIP_Adapter, cfg, self.model, optim, device)
+        self._finish(mod.CLIP_Adapter, cfg, device, lambda n: "adapter" in n, lambda: self.model.adapter)
 
     def load_from(self, suite):
         self.model.adapter.load_state_dict(suite.adapter.state_dict())
-
-    def step(self, images, labels):
-        self.model.train()
-        return self.trainer.forward_backward({"img": images, "label": labels})["loss"]
-
-    def evaluate(self, images):
-        import torch
-        self.model.eval()
-        with torch.no_grad():
-            return self.model(images)
 
 
 class OfficialCLIPLoRA(Official):
@@ -322,19 +301,23 @@ class OfficialCLIPLoRA(Official):
                     lin.w_lora_A.data.copy_(getattr(bs.attn, f"lora_A_{m}").data)
                     lin.w_lora_B.data.copy_(getattr(bs.attn, f"lora_B_{m}").data)
 
-    def step(self, images, labels):  # the body of lora.run_lora's training loop, encoder 'both'
+    def _logits(self, images):  # the lines of lora.run_lora's loop (and evaluate_lora) up to the logits
         import torch
-        import torch.nn.functional as F
-        self.model.train()
-        with torch.amp.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+        amp = lambda: torch.amp.autocast(device_type="cuda", dtype=torch.float16,  # noqa: E731
+                                         enabled=self.device.type == "cuda")
+        with amp():
             texts = self.clip.tokenize(self.texts).to(self.device)
             class_embeddings = self.model.encode_text(texts)
         text_features = class_embeddings / class_embeddings.norm(dim=-1, keepdim=True)
-        with torch.amp.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+        with amp():
             image_features = self.model.encode_image(images)
         image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-        cosine_similarity = self.logit_scale * image_features @ text_features.t()
-        loss = F.cross_entropy(cosine_similarity, labels)
+        return self.logit_scale * image_features @ text_features.t()
+
+    def step(self, images, labels):  # the body of lora.run_lora's training loop, encoder 'both'
+        import torch.nn.functional as F
+        self.model.train()
+        loss = F.cross_entropy(self._logits(images), labels)
         loss_value = loss.item()
         self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
@@ -343,28 +326,21 @@ class OfficialCLIPLoRA(Official):
         self.scheduler.step()
         return loss_value
 
-    def evaluate(self, images):  # evaluate_lora: class text features once, then a batch
-        import torch
+    def evaluate(self, images):  # evaluate_lora: class text features once, then a batch (its
+        import torch  # accuracy uses the cosines; scaled here to compare with the suite's logits)
         self.model.eval()
         with torch.no_grad():
-            with torch.amp.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                texts = self.clip.tokenize(self.texts).to(self.device)
-                class_embeddings = self.model.encode_text(texts)
-            text_features = class_embeddings / class_embeddings.norm(dim=-1, keepdim=True)
-            with torch.amp.autocast(device_type="cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                image_features = self.model.encode_image(images)
-            image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-            return self.logit_scale * image_features @ text_features.t().float()
+            return self._logits(images).float()
 
 
 # -- one method, one process ------------------------------------------------------------------------
 def run_one(args) -> dict:
     import torch
 
-    from bench_step import class_names
+    from bench_step import class_names, runtime
     from benchmark.backbone import BackboneConfig, CLIPBackbone
     from benchmark.config import resolve
-    from benchmark.engine import autocast_for, make_optimizer, resolve_device
+    from benchmark.engine import make_optimizer
     from benchmark.experiment import load_experiment
     from benchmark.method import Batch, LabeledSet, MethodContext, StepState
     from benchmark.registry import METHODS
@@ -376,12 +352,7 @@ def run_one(args) -> dict:
     if name == "clip_lora":
         sys.path.insert(0, str(root / folder))  # loralib
     _dassl_stub()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    autocast = autocast_for(device, "auto")
+    device, sync, autocast = runtime(args)
 
     torch.manual_seed(0)
     backbone = CLIPBackbone.load(BackboneConfig(model=args.backbone, pretrained=args.pretrained), device=device)

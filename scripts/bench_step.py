@@ -73,6 +73,19 @@ class Variant:
         self.backbone.sdpa_blocks = self.options.get("sdpa_blocks", False)
 
 
+def runtime(args):
+    """(device, sync, autocast) from ``--device`` / ``--threads``: bf16 autocast on CUDA (the
+    engine's default there), fp32 on CPU; ``sync`` waits for queued CUDA work before a clock read."""
+    import torch
+
+    from benchmark.engine import autocast_for, resolve_device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return device, sync, autocast_for(device, "auto")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,17 +108,13 @@ def main(argv=None) -> int:
 
     from benchmark.backbone import BackboneConfig, CLIPBackbone
     from benchmark.config import resolve
-    from benchmark.engine import autocast_for, make_optimizer, resolve_device
+    from benchmark.engine import make_optimizer
     from benchmark.experiment import load_experiment
     from benchmark.method import Batch, MethodContext, StepState
     from benchmark.registry import METHODS
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device, sync, autocast = runtime(args)
     cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    autocast = autocast_for(device, "auto")
     embedded = args.backbone == "embedded"
     bcfg = BackboneConfig() if embedded else BackboneConfig(model=args.backbone, pretrained=args.pretrained)
     torch.manual_seed(0)
