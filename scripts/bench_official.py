@@ -3,10 +3,11 @@
 forward beside the official code's, on identical weights and inputs, in one process per method.
 
     git clone https://github.com/KaiyangZhou/CoOp                       $OFFICIAL/CoOp
+    git clone https://github.com/AtsuMiyai/LoCoOp                       $OFFICIAL/LoCoOp
     git clone https://github.com/muzairkhattak/multimodal-prompt-learning $OFFICIAL/multimodal-prompt-learning
     git clone https://github.com/MaxZanella/CLIP-LoRA                   $OFFICIAL/CLIP-LoRA
     git clone https://github.com/gaopengcuhk/CLIP-Adapter               $OFFICIAL/CLIP-Adapter
-    python scripts/bench_official.py --official-root $OFFICIAL                       # all four, ViT-B/16 shapes
+    python scripts/bench_official.py --official-root $OFFICIAL                       # all five, ViT-B/16 shapes
     python scripts/bench_official.py --official-root $OFFICIAL --methods coop --steps 5 --json out.json
 
 The official code is not shipped with the suite and is not imported by it: this benchmark reads it
@@ -24,17 +25,17 @@ step, after ``--warmup`` untimed steps):
 * suite ``on``: the method plugin's ``training_step`` + backward + optimiser step with the default
   speed options (``train.short_text``, ``train.sdpa_blocks``), as ``bench_step.py`` times it;
 * suite ``off``: the same with every speed option off (open_clip's own blocks and ``encode_text``);
-* suite ``views`` (CoOp, CLIP-Adapter: frozen image side): the defaults plus ``data.cached_views``
+* suite ``views`` (CoOp, LoCoOp, CLIP-Adapter: frozen image side): the defaults plus ``data.cached_views``
   (off by default: it changes the augmentation stream), on a cache hit, the steady state once every
   cached view is encoded; its training losses must equal the ``on`` side's (same batch, same views);
-* ``official``: CoOp's and MaPLe's and CLIP-Adapter's own ``forward_backward(batch)`` (their trainer
-  classes, SGD as Dassl builds it); CLIP-LoRA has no step function (its loop is inline in
+* ``official``: CoOp's, LoCoOp's, MaPLe's and CLIP-Adapter's own ``forward_backward(batch)`` (their
+  trainer classes, SGD as Dassl builds it); CLIP-LoRA has no step function (its loop is inline in
   ``lora.run_lora``), so the body of that loop for ``--encoder both`` runs here line for line
   (``clip.tokenize`` + ``encode_text`` of all class prompts, ``encode_image``, cosine logits, CE,
   AdamW, cosine scheduler step) on the official LoRA modules (``loralib.apply_lora``).
 * evaluation: the suite's ``predict`` after entering eval mode (class text features computed once,
-  then one batch), against the official test forward: ``model(image)`` for CoOp, MaPLe and
-  CLIP-Adapter (Dassl's ``model_inference``), ``evaluate_lora``'s text pass + one ``encode_image``
+  then one batch), against the official test forward: ``model(image)`` for CoOp, LoCoOp (its
+  global logits), MaPLe and CLIP-Adapter (Dassl's ``model_inference``), ``evaluate_lora``'s text pass + one ``encode_image``
   batch for CLIP-LoRA.
 
 Before timing, both implementations' loss and evaluation logits are compared at the same learned
@@ -75,13 +76,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 REPOS = {  # method -> (folder under --official-root, where its `clip` package lives, clone URL)
     "coop": ("CoOp", "CoOp", "https://github.com/KaiyangZhou/CoOp"),
+    "locoop": ("LoCoOp", "LoCoOp", "https://github.com/AtsuMiyai/LoCoOp"),
     "maple": ("multimodal-prompt-learning", "multimodal-prompt-learning",
               "https://github.com/muzairkhattak/multimodal-prompt-learning"),
     "clip_lora": ("CLIP-LoRA", "CLIP-LoRA", "https://github.com/MaxZanella/CLIP-LoRA"),
     # CLIP-Adapter's repository holds only clip_adapter.py; it runs inside CoOp's code base
     "clip_adapter": ("CLIP-Adapter", "CoOp", "https://github.com/gaopengcuhk/CLIP-Adapter"),
 }
-MODULE = {"coop": "trainers/coop.py", "maple": "trainers/maple.py", "clip_lora": "loralib/utils.py",
+CLIP_PACKAGE = {"locoop": "clip_w_local"}  # the official `clip` package's name where it is not `clip`
+MODULE = {"coop": "trainers/coop.py", "locoop": "trainers/locoop.py", "maple": "trainers/maple.py", "clip_lora": "loralib/utils.py",
           "clip_adapter": "clip_adapter.py"}
 
 
@@ -89,7 +92,7 @@ def check_root(root: Path, methods) -> None:
     missing = []
     for m in methods:
         folder, clip_home, url = REPOS[m]
-        for need in (root / folder / MODULE[m], root / clip_home / "clip" / "clip.py"):
+        for need in (root / folder / MODULE[m], root / clip_home / CLIP_PACKAGE.get(m, "clip") / "clip.py"):
             if not need.is_file():
                 missing.append((need, url, folder))
     if missing:
@@ -209,6 +212,43 @@ class OfficialCoOp(DasslOfficial):
 
     def load_from(self, suite):
         self.model.prompt_learner.ctx.data.copy_(suite.prompts.ctx.data)
+
+
+class OfficialLoCoOp(DasslOfficial):
+    """LoCoOp's trainer: CoOp's prompt learner, a CLIP whose image tower also returns the local
+    features (``clip_w_local``), and the loss CE + lambda * (-entropy of the non-top-K regions)."""
+
+    def __init__(self, root, sd, classnames, device, suite_params, top_k):
+        from clip_w_local import clip
+        mod = _load_module(root / "LoCoOp/trainers/locoop.py", "official_locoop")
+        p = suite_params
+        cfg = _ns(TRAINER=_ns(LOCOOP=_ns(N_CTX=p.n_ctx, CTX_INIT=p.ctx_init, CSC=p.csc, PREC="fp32",
+                                         CLASS_TOKEN_POSITION=p.class_token_position)),
+                  INPUT=_ns(SIZE=(224, 224)), OPTIM=_ns(LR=0.002, MOMENTUM=0.9, WEIGHT_DECAY=5e-4),
+                  lambda_value=p.lambda_ood, topk=top_k)
+        self.model = mod.CustomCLIP(cfg, classnames, clip.build_model(sd).float())
+        self._finish(mod.LoCoOp, cfg, device, lambda n: "prompt_learner" in n,
+                     lambda: self.model.prompt_learner)
+        self.trainer.lambda_value, self.trainer.top_k = cfg.lambda_value, cfg.topk  # as build_model sets them
+        self.entropy_select_topk = mod.entropy_select_topk
+        self.notes = []
+
+    def load_from(self, suite):
+        self.model.prompt_learner.ctx.data.copy_(suite.prompts.ctx.data)
+
+    def evaluate(self, images):  # the test loop keeps output[0] of the (global, local) pair
+        return super().evaluate(images)[0]
+
+    def eval_loss(self, images, labels) -> float:  # forward_backward's loss lines, in eval mode
+        import torch
+        import torch.nn.functional as F
+        self.model.eval()
+        with torch.no_grad():
+            output, output_local = self.model(images)
+            loss_id = F.cross_entropy(output, labels)
+            b, n = output_local.shape[0], output_local.shape[1]
+            loss_en = -self.entropy_select_topk(output_local.view(b * n, -1), self.trainer.top_k, labels, n)
+            return float(loss_id + self.trainer.lambda_value * loss_en)
 
 
 class OfficialMaPLe(DasslOfficial):
@@ -412,7 +452,8 @@ def run_one(args) -> dict:
               suite_params=cfg.params)
     import contextlib
     import io
-    build = {"coop": OfficialCoOp, "maple": OfficialMaPLe, "clip_adapter": OfficialCLIPAdapter,
+    build = {"coop": OfficialCoOp, "maple": OfficialMaPLe,
+             "locoop": lambda **k: OfficialLoCoOp(**k, top_k=suite["on"][0].top_k), "clip_adapter": OfficialCLIPAdapter,
              "clip_lora": lambda **k: OfficialCLIPLoRA(**k, logit_scale=backbone.logit_scale)}[name]
     with contextlib.redirect_stdout(io.StringIO()):  # the official constructors print their modules
         official = build(**kw)
@@ -540,7 +581,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official-root", default=os.environ.get("OSSL_OFFICIAL_ROOT", ""),
                    help="folder holding the clones (default: $OSSL_OFFICIAL_ROOT)")
-    p.add_argument("--methods", default="coop,maple,clip_lora,clip_adapter")
+    p.add_argument("--methods", default="coop,locoop,maple,clip_lora,clip_adapter")
     p.add_argument("--backbone", default="ViT-B-16-quickgelu",
                    help="open_clip model of OpenAI's layout (QuickGELU), random weights unless --pretrained")
     p.add_argument("--pretrained", default="")
