@@ -540,9 +540,11 @@ class CLIPBackbone(nn.Module):
         blocks = v.transformer.resblocks
         n_tok = x.shape[1]
         last = len(blocks) - 1
+        # only the pooled (CLS) output is read: the last block may compute that one query
+        cls_only = not (return_patches or return_prompts)
         x = self._run_blocks(v.transformer, x, deep_prompts, attn_mask=None,
                              at=lambda n: slice(n_tok - n, n_tok),
-                             stop_before=last if return_value_local else None)
+                             stop_before=last if return_value_local else None, cls_only_last=cls_only)
         value_local = None
         if return_value_local:
             blk = blocks[last]
@@ -550,7 +552,8 @@ class CLIPBackbone(nn.Module):
                 x = self._replace(x, deep_prompts[last], slice(n_tok - n_prompt, n_tok))
             value_local = self._value_path(blk, x)[:, 1:1 + self.num_patches]
             value_local = self._to_joint(v.ln_post(value_local))
-            x = blk(x)
+            x = self._run_block(blk, x, None, getattr(v.transformer, "batch_first", True),
+                                n_query=1 if cls_only else None)
         x = v.ln_post(x)
         pooled = self._to_joint(x[:, 0])
         out = ImageOutput(pooled=pooled, value_local=value_local)
@@ -637,7 +640,10 @@ class CLIPBackbone(nn.Module):
         return torch.cat([x[:, :pos.start], p, x[:, pos.stop:]], dim=1)
 
     def _run_blocks(self, transformer: nn.Module, x: Tensor, deep_prompts, attn_mask, at,
-                    stop_before: Optional[int] = None) -> Tensor:
+                    stop_before: Optional[int] = None, cls_only_last: bool = False) -> Tensor:
+        """The tower's blocks in order, deep prompts replaced at each block's input. With
+        ``cls_only_last`` (the caller reads only token 0 of the output) the last block may return
+        token 0 alone: see :meth:`_run_block`."""
         batch_first = getattr(transformer, "batch_first", True)
         blocks = transformer.resblocks
         if deep_prompts is not None and len(deep_prompts) > len(blocks):
@@ -649,20 +655,31 @@ class CLIPBackbone(nn.Module):
             if deep_prompts is not None and j >= 1 and j < len(deep_prompts) and deep_prompts[j] is not None:
                 p = deep_prompts[j]
                 x = self._replace(x, p, at(p.shape[-2]))
-            if self.sdpa_blocks and _plain_block(blk):
-                x = _sdpa_block(blk, x, attn_mask)
-            elif batch_first:
-                x = blk(x, attn_mask=attn_mask)
-            else:  # open_clip models built with batch_first=False
-                x = blk(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)
+            last_cls = cls_only_last and j == len(blocks) - 1 and attn_mask is None
+            x = self._run_block(blk, x, attn_mask, batch_first, n_query=1 if last_cls else None)
         return x
+
+    def _run_block(self, blk: nn.Module, x: Tensor, attn_mask, batch_first: bool,
+                   n_query: Optional[int] = None) -> Tensor:
+        """One residual block on batch-first tokens. ``n_query``: only the first ``n_query`` tokens'
+        outputs are wanted; with ``sdpa_blocks`` on a plain block computes just those queries
+        (keys and values from every token, the MLP on those tokens: the same outputs up to float
+        rounding, since a token's output depends on the others only through its attention), and
+        returns ``[B, n_query, W]``; otherwise all tokens, as before."""
+        if self.sdpa_blocks and _plain_block(blk):
+            return _sdpa_block(blk, x, attn_mask, n_query)
+        if batch_first:
+            return blk(x, attn_mask=attn_mask)
+        return blk(x.transpose(0, 1), attn_mask=attn_mask).transpose(0, 1)  # built batch_first=False
 
     #: run open_clip's plain residual blocks as one packed q/k/v projection and
     #: ``F.scaled_dot_product_attention`` on the batch-first tokens (``train.sdpa_blocks``) instead of
     #: through ``nn.MultiheadAttention`` (whose general path transposes the tokens to sequence-first
     #: and back, and whose no-grad fast path is a different kernel): the same function, equal up to
     #: float rounding; False (here; the engine sets it from the run's config, on by default) calls
-    #: the blocks themselves (bit-identical to open_clip)
+    #: the blocks themselves (bit-identical to open_clip). On, an image pass whose caller reads
+    #: only the pooled feature (no patches, no prompt outputs) also runs the last image block for
+    #: the CLS query alone (:meth:`_run_block`)
     sdpa_blocks: bool = False
 
     # -- torch.compile ------------------------------------------------------------------------
@@ -726,16 +743,30 @@ def _plain_block(blk: nn.Module) -> bool:
             and not attn.dropout)
 
 
-def _sdpa_block(blk: nn.Module, x: Tensor, attn_mask: Optional[Tensor]) -> Tensor:
+def _sdpa_block(blk: nn.Module, x: Tensor, attn_mask: Optional[Tensor],
+                n_query: Optional[int] = None) -> Tensor:
     """open_clip's ``ResidualAttentionBlock.forward`` on batch-first tokens ``[B, L, W]``:
     ``x + ls_1(attn(ln_1(x)))`` then ``x + ls_2(mlp(ln_2(x)))``, the attention as one packed q/k/v
     projection, ``F.scaled_dot_product_attention`` per head (with the block's additive mask) and the
-    output projection, which is what ``nn.MultiheadAttention`` computes."""
+    output projection, which is what ``nn.MultiheadAttention`` computes. ``n_query``: the outputs
+    of the first ``n_query`` tokens only, ``[B, n_query, W]`` (their queries, the output projection,
+    residual and MLP; keys and values of all tokens; ``attn_mask`` must then be None)."""
     attn: nn.MultiheadAttention = blk.attn
     B, L, W = x.shape
     H = attn.num_heads
-    qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.view(B, L, 3, H, W // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D] each
+    y = blk.ln_1(x)
+    if n_query is None:
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(B, L, 3, H, W // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, D] each
+    else:
+        if attn_mask is not None:
+            raise ValueError("a query subset needs attn_mask=None (the mask's rows are per query)")
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(y[:, :n_query], w[:W], b[:W] if b is not None else None)
+        q = q.view(B, n_query, H, W // H).transpose(1, 2)
+        kv = F.linear(y, w[W:], b[W:] if b is not None else None)
+        k, v = kv.view(B, L, 2, H, W // H).permute(2, 0, 3, 1, 4).unbind(0)
+        x, L = x[:, :n_query], n_query
     mask = attn_mask.to(q.dtype) if attn_mask is not None else None
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     o = F.linear(o.transpose(1, 2).reshape(B, L, W), attn.out_proj.weight, attn.out_proj.bias)

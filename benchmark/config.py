@@ -74,7 +74,8 @@ class TrainConfig:
     # [default] compute open_clip's plain residual blocks with one packed q/k/v projection and
     # F.scaled_dot_product_attention on the batch-first tokens (a speed option: the same function,
     # equal up to float rounding; see CLIPBackbone.sdpa_blocks); false calls each block's own
-    # forward through nn.MultiheadAttention (bit-identical to open_clip). Not hashed
+    # forward through nn.MultiheadAttention (bit-identical to open_clip). On, a pooled-only image
+    # pass also runs its last block for the CLS query alone. Not hashed
     sdpa_blocks: bool = field(default=True, metadata=NOHASH)
     checkpoint_every: int = field(default=100, metadata=NOHASH)  # steps between checkpoints
     checkpoint_every_s: float = field(default=60.0, metadata=NOHASH)  # or seconds, whichever first

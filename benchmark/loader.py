@@ -273,8 +273,10 @@ def encode_augmented(backbone, split: Split, indices: np.ndarray, transform: Cal
 
 def _tower_tag(backbone) -> str:
     """Part of a feature-cache key: features computed through ``sdpa_blocks`` (equal up to float
-    rounding) are kept apart from the blocks' own forward, whose keys stay as they always were."""
-    return "|sdpa_blocks" if getattr(backbone, "sdpa_blocks", False) else ""
+    rounding) are kept apart from the blocks' own forward, whose keys stay as they always were;
+    ``cls_last``: their last block computes the CLS query alone (rounds differently from the
+    caches written before it did, which are therefore not served)."""
+    return "|sdpa_blocks|cls_last" if getattr(backbone, "sdpa_blocks", False) else ""
 
 
 class FeatureCache:

@@ -248,6 +248,58 @@ def test_sdpa_blocks_equal_the_blocks_own_forward_within_rounding(micro_backbone
         assert torch.equal(bb.encode_image(images).pooled, bb.model.encode_image(images))
 
 
+def test_pooled_only_passes_compute_the_last_blocks_cls_query_alone(micro_backbone):
+    """With sdpa_blocks on, an image pass whose caller reads only the pooled feature runs the last
+    block for the CLS query alone (n_query=1; keys and values from every token, prompts included):
+    pooled features, LoCoOp's value-path local features and the gradients reaching shallow and
+    deep prompts equal the full last block's (a pass that returns patches, the same blocks
+    otherwise) within fp32 rounding; passes that return patches or prompts run every query."""
+    import benchmark.backbone as B
+
+    bb = micro_backbone
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(3, 3, 32, 32, generator=g)
+    p = torch.randn(2, bb.vision_width, generator=g).requires_grad_(True)
+    deep = [None] + [torch.randn(2, bb.vision_width, generator=g).requires_grad_(True)
+                     for _ in range(bb.vision_layers - 1)]
+    queries = []
+    real = B._sdpa_block
+
+    def recording(blk, x, mask, n_query=None):
+        queries.append(n_query)
+        return real(blk, x, mask, n_query)
+
+    def run(**kw):
+        out = bb.encode_image(images, prompts=p, deep_prompts=deep, return_value_local=True, **kw)
+        loss = out.pooled.square().sum() + out.value_local.mean()
+        return [out.pooled, out.value_local], torch.autograd.grad(loss, [p] + deep[1:])
+
+    B._sdpa_block = recording
+    bb.sdpa_blocks = True
+    try:
+        cls_out, cls_grads = run()
+        assert queries == [None] * (bb.vision_layers - 1) + [1]
+        queries.clear()
+        full_out, full_grads = run(return_patches=True)
+        assert queries == [None] * bb.vision_layers
+        queries.clear()
+        with torch.no_grad():
+            frozen = bb.encode_image(images).pooled
+            assert queries[-1] == 1
+            full_frozen = bb.encode_image(images, return_prompts=False, return_patches=True).pooled
+    finally:
+        B._sdpa_block = real
+        bb.sdpa_blocks = False
+    for a, b in zip(cls_out + [frozen], full_out + [full_frozen]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(cls_grads, full_grads):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    blk = bb.model.visual.transformer.resblocks[-1]
+    with pytest.raises(ValueError, match="attn_mask=None"):
+        B._sdpa_block(blk, torch.zeros(1, 4, bb.vision_width), torch.zeros(4, 4), 1)
+
+
 def test_sdpa_blocks_leave_lora_and_hooked_blocks_to_their_own_forward(micro_backbone):
     """Only open_clip's plain blocks take the sdpa path: a LoRA-wrapped attention (its own forward
     with the adapters) and a block with hooks (tools that watch the blocks) run as they are."""
