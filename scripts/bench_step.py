@@ -5,6 +5,7 @@ and off, measured in one process with the variants alternating (``bench_speed.py
     python scripts/bench_speed.py --compare-step                                  # ViT-B/16 shapes, random weights
     python scripts/bench_speed.py --compare-step --backbone embedded --classes 12 --batch-size 32
     python scripts/bench_step.py --methods coop,maple --steps 5 --json out.json   # the same, directly
+    python scripts/bench_speed.py --compare-step --options short_text+sdpa_blocks --profile  # + where the time goes
 
 What runs: the method plugins' own ``training_step`` / ``predict`` (configured from the ``paper``
 experiment for a real backbone, ``embedded`` for the tiny CLIP), on one fixed batch of random images
@@ -33,6 +34,12 @@ The speed options (config keys, see the README):
 On CUDA both variants run under bf16 autocast (the engine's default there) with open_clip's fused
 attention; on CPU in fp32. Timings on a shared CPU vary between calls; the ratios within one call are
 what to compare.
+
+``--profile`` also splits each variant's timed steps into ``text`` and ``image`` (the backbone's
+tower passes, with or without gradient), ``loss`` (the rest of ``training_step``: heads, losses,
+Sinkhorn...), ``backward`` and ``optim`` (optimiser step and ``zero_grad``), with the exclusive
+timers of ``bench_profile.py`` (a tower pass inside ``training_step`` counts as ``text``/``image``,
+not ``loss``); the ``off`` variant is the step as it ran before the options.
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ import os
 import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -67,6 +75,7 @@ class Variant:
         self.eval_times: List[float] = []
         self.losses: List[float] = []
         self.memo: Dict[int, object] = {}  # view_cache: the frozen image outputs of the batch
+        self.parts: Dict[str, float] = defaultdict(float)  # --profile: seconds per part, timed steps
 
     def activate(self) -> None:
         self.backbone.short_text = self.options.get("short_text", False)
@@ -98,20 +107,21 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
-    p.add_argument("--options", default="short_text,sdpa_blocks,view_cache,all")
+    p.add_argument("--options", default="short_text,sdpa_blocks,view_cache,all",
+                   help="comma-separated variants to compare with all options off: an option, several "
+                        "joined by '+' (short_text+sdpa_blocks = the defaults), or all")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--profile", action="store_true",
+                   help="also split each variant's step into text/image tower, loss, backward, optimiser")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     import torch
 
     from benchmark.backbone import BackboneConfig, CLIPBackbone
-    from benchmark.config import resolve
-    from benchmark.engine import make_optimizer
     from benchmark.experiment import load_experiment
-    from benchmark.method import Batch, MethodContext, StepState
-    from benchmark.registry import METHODS
+    from benchmark.method import MethodContext
 
     device, sync, autocast = runtime(args)
     cuda = device.type == "cuda"
@@ -134,6 +144,27 @@ def main(argv=None) -> int:
           f"{' (bf16 autocast)' if cuda else ' (fp32)'}  batch {args.batch_size}  classes {args.classes}  "
           f"{args.steps} timed steps per variant after {args.warmup} warm-up, variants alternating", flush=True)
     rows = []
+    prof = install_profiler(sync) if args.profile else None
+    try:
+        bench_all(args, rows, backbone, dataset, experiment, ctx, images, eval_images, labels, option_names,
+                  autocast, sync, prof)
+    finally:
+        for owner, attr, real in (prof.undo if prof is not None else []):  # the process's classes as they were
+            setattr(owner, attr, real)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+def bench_all(args, rows, backbone, dataset, experiment, ctx, images, eval_images, labels, option_names,
+              autocast, sync, prof) -> None:
+    import torch
+
+    from benchmark.config import resolve
+    from benchmark.engine import make_optimizer
+    from benchmark.method import Batch, StepState
+    from benchmark.registry import METHODS
+
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         cls = METHODS.get(name)
         cfg = resolve(cls, dataset, 16, 1, experiment, [f"train.batch_size={args.batch_size}"])
@@ -146,23 +177,45 @@ def main(argv=None) -> int:
                 single = [k for k, v in on.items() if v]
                 if len(single) == 1 and single[0] in option_names:
                     continue  # "all" equals the single option already measured
-            elif opt_name not in applies:
-                raise SystemExit(f"unknown speed option {opt_name!r}; known: {', '.join(applies)}, all")
-            else:
-                on = {opt_name: applies[opt_name]}
+            else:  # one option, or several joined by '+' (short_text+sdpa_blocks: the defaults)
+                unknown = [o for o in opt_name.split("+") if o not in applies]
+                if unknown:
+                    raise SystemExit(f"unknown speed option {unknown[0]!r}; known: {', '.join(applies)}, "
+                                     "all, or several joined by '+'")
+                on = {o: applies[o] for o in opt_name.split("+")}
             if not any(on.values()):
                 rows.append({"method": name, "option": opt_name, "applies": False})
                 print(f"{name:<13}{opt_name:<12} n/a", flush=True)
                 continue
             rows.append(bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, args,
-                                   autocast, sync, Batch, StepState, make_optimizer, torch))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
-    return 0
+                                   autocast, sync, Batch, StepState, make_optimizer, torch, prof))
+
+
+PARTS = ("text", "image", "loss", "backward", "optim", "other")
+
+
+def install_profiler(sync):
+    """bench_profile's exclusive timers around the backbone's tower passes and ``Tensor.backward``
+    (class attributes); ``training_step`` and the optimiser are wrapped per variant in bench_pair."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_profile import Profiler
+    from benchmark.backbone import CLIPBackbone
+
+    prof = Profiler(sync)
+    prof.undo = []
+    for owner, attr, part in ((CLIPBackbone, "encode_image", "image"),
+                              (CLIPBackbone, "encode_text_embeddings", "text"),
+                              (torch.Tensor, "backward", "backward")):
+        real = getattr(owner, attr)
+        setattr(owner, attr, prof.wrap(real, part))
+        prof.undo.append((owner, attr, real))
+    return prof
 
 
 def bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, args, autocast, sync,
-               Batch, StepState, make_optimizer, torch) -> dict:
+               Batch, StepState, make_optimizer, torch, prof=None) -> dict:
     from benchmark.method import LabeledSet
 
     variants = []
@@ -178,6 +231,10 @@ def bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, a
         optim = make_optimizer(method.param_groups(), cfg.train)
         for g in optim.param_groups:
             g["lr"] = cfg.train.lr * g.get("lr_scale", 1.0)
+        if prof is not None:  # instance attributes: this variant's calls only
+            method.training_step = prof.wrap(method.training_step, "loss")
+            optim.step = prof.wrap(optim.step, "optim")
+            optim.zero_grad = prof.wrap(optim.zero_grad, "optim")
         variants.append(Variant(label, method, bb, optim, opts))
     total = args.warmup + args.steps
 
@@ -201,6 +258,8 @@ def bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, a
         batch = make_batch(v)
         state = StepState(step=i, total_steps=10 * total, epoch=0, steps_per_epoch=10 * total)
         torch.manual_seed(1000 + i)  # the same dropout masks in both variants
+        if prof is not None:
+            prof.run, prof.phase = defaultdict(float), "train"
         sync()
         t = time.perf_counter()
         with autocast():
@@ -212,6 +271,12 @@ def bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, a
         dt = time.perf_counter() - t
         if i >= args.warmup:
             v.times.append(dt)
+            if prof is not None:
+                for (_, part), sec in prof.run.items():
+                    v.parts[part] += sec
+                v.parts["other"] += max(0.0, dt - sum(prof.run.values()))
+        if prof is not None:
+            prof.phase = "other"
         v.losses.append(float(loss.detach()))
 
     def run_eval(v: Variant):
@@ -264,6 +329,12 @@ def bench_pair(name, cls, cfg, backbone, ctx, images, eval_images, labels, on, a
     print(f"{name:<13}{row['option']:<22} step {row['step_ms_off']:9.1f} -> {row['step_ms_on']:9.1f} ms "
           f"({row['step_ratio']:.2f}x)   eval {row['eval_ms_off']:8.1f} -> {row['eval_ms_on']:8.1f} ms "
           f"({row['eval_ratio']:.2f}x)   |dloss| {dl:.1e}  max |dlogit| {dlog:.1e}{flag}", flush=True)
+    if prof is not None:  # mean ms per timed step and part (the sum is the mean step, not the median)
+        row["profile_ms"] = {v.name: {k: round(v.parts.get(k, 0.0) * 1000 / len(v.times), 1) for k in PARTS}
+                             for v in variants}
+        for v in variants:
+            parts = "  ".join(f"{k} {row['profile_ms'][v.name][k]:7.1f}" for k in PARTS)
+            print(f"{'':<13}{'  profile ' + v.name:<22} ms per step: {parts}", flush=True)
     return row
 
 
