@@ -95,3 +95,17 @@ def toy_cfg(method="linear_probe", shots=2, seed=1, sets=(), dataset="toy"):
     from benchmark.registry import METHODS
 
     return resolve(METHODS.get(method), dataset, shots, seed, TOY_EXPERIMENT, list(sets))
+
+
+@pytest.fixture
+def load_script():
+    """``load_script("bench_step")``: the module of scripts/bench_step.py, loaded fresh."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load

@@ -1,28 +1,19 @@
 """scripts/bench_step.py (``bench_speed.py --compare-step``) on the tiny CLIP: the variants agree, and
 ``--profile`` splits each timed step into its parts without leaving its timers behind."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "scripts" / "bench_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
-
-def test_profile_splits_each_step_into_parts_that_add_up(tmp_path):
+def test_profile_splits_each_step_into_its_parts(tmp_path, load_script):
     from benchmark.backbone import CLIPBackbone
 
     before = (CLIPBackbone.encode_image, CLIPBackbone.encode_text_embeddings, torch.Tensor.backward)
     out = tmp_path / "step.json"
-    _load().main(["--backbone", "embedded", "--classes", "6", "--batch-size", "4", "--steps", "2",
+    load_script("bench_step").main(["--backbone", "embedded", "--classes", "6", "--batch-size", "4", "--steps", "2",
                   "--warmup", "0", "--methods", "coop", "--options", "short_text+sdpa_blocks,view_cache",
                   "--profile", "--json", str(out)])
     assert (CLIPBackbone.encode_image, CLIPBackbone.encode_text_embeddings, torch.Tensor.backward) == before
@@ -40,7 +31,7 @@ def test_profile_splits_each_step_into_parts_that_add_up(tmp_path):
     assert cached["off"]["image"] > 0 and cached["on"]["image"] == 0  # a cache hit encodes no image
 
 
-def test_unknown_option_names_the_known_ones():
+def test_unknown_option_names_the_known_ones(load_script):
     with pytest.raises(SystemExit) as e:
-        _load().main(["--backbone", "embedded", "--methods", "coop", "--options", "short_text+fast"])
+        load_script("bench_step").main(["--backbone", "embedded", "--methods", "coop", "--options", "short_text+fast"])
     assert "'fast'" in str(e.value) and "sdpa_blocks" in str(e.value) and "'+'" in str(e.value)
